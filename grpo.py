@@ -1,0 +1,302 @@
+"""GRPO: Group Relative Policy Optimization, in one file.
+
+Paper: DeepSeekMath, Shao et al. 2024, https://arxiv.org/abs/2402.03300 (section 4.1).
+
+For each prompt, sample G completions; each completion's advantage is its reward's z-score within
+its group, the same for every token; no value model. The loss is PPO's clipped surrogate on the
+per-token ratio π_θ/π_old plus β times the k3 estimate of KL(π_θ ‖ π_ref) to the frozen start model:
+
+    J = mean_i 1/|o_i| Σ_t [ min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) - β KL_it ]
+
+Implemented: group/batch/no advantage scaling, the paper's per-sequence aggregation and the Dr. GRPO
+and DAPO ones, asymmetric clipping (ε_high), μ updates per batch, rule rewards and a reward model.
+Left out: DAPO's dynamic sampling and overlong shaping, GSPO's sequence-level ratio, vLLM.
+
+Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo.py --help`.
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
+    task: str = "arithmetic"
+    """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
+    data: str | None = None
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    reward_model: str | None = None
+    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
+    reward_model_weight: float = 1.0
+    """weight of the reward-model score in the total reward"""
+    rule_weight: float = 1.0
+    """weight of the task's rule rewards in the total reward (0: reward model alone)"""
+    steps: int = 100
+    """number of training steps (one batch of rollouts each)"""
+    prompts_per_step: int = 4
+    """distinct prompts per step"""
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are computed within each group"""
+    max_new_tokens: int = 32
+    """completion budget; completions without EOS by then are marked truncated"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; 1.0 samples from the full distribution"""
+    lr: float = 2e-6
+    """AdamW learning rate (the paper uses 1e-6)"""
+    beta: float = 0.04
+    """β: weight of the k3 KL penalty to the reference model (paper: 0.04; 0 skips the reference pass)"""
+    epsilon: float = 0.2
+    """ε: lower clip of the ratio, 1-ε"""
+    epsilon_high: float | None = None
+    """upper clip 1+ε_high (DAPO uses 0.28); default: ε"""
+    num_iterations: int = 1
+    """μ: optimizer steps on each batch of rollouts (1: the ratio is always 1, as in the paper)"""
+    minibatch_size: int = 8
+    """rows per forward/backward pass; gradients are accumulated over the batch, which bounds memory"""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """aggregation: per-sequence mean (paper), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group's std (paper), the batch's std, or not at all (Dr. GRPO)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    eval_interval: int = 20
+    """greedy held-out evaluation every this many steps (and before the first, and after the last)"""
+    eval_prompts: int = 64
+    """size of the held-out prompt set"""
+    save_interval: int = 50
+    """checkpoint every this many steps, and at the end"""
+    seed: int = 1
+    """seeds prompts, sampling and initialisation"""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
+    output_dir: str = "runs"
+    """TensorBoard events and checkpoints go to output_dir/run_name"""
+    run_name: str | None = None
+    """default: grpo_<task>_<seed>_<time>"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The math: pure functions of tensors.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps); rewards [B] with each group contiguous -> [B].
+
+    A group whose rewards are all equal gets A = 0 (eps keeps 0/0 away). scale="batch" divides by the
+    std of the whole batch, "none" not at all (Dr. GRPO)."""
+    grouped = rewards.view(-1, group_size)  # [B/G, G]
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale == "group":
+        advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = advantages / (rewards.std() + eps)
+    return advantages.view(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL_t = π_ref/π_θ - log(π_ref/π_θ) - 1 per token (Schulman's k3: unbiased for KL(π_θ‖π_ref), ≥ 0)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta: float, epsilon: float,
+              epsilon_high: float, loss_type: str, max_new_tokens: int, num_rows: int | None = None,
+              num_tokens: int | None = None):
+    """The negated GRPO objective over a batch -> (loss, stats).
+
+    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B]. ref_logprobs may be None
+    when beta = 0. Per token: l_it = -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) + β KL_it. Then
+      grpo:    (1/N) Σ_i (1/|o_i|) Σ_t l_it
+      dr_grpo: 1/(N·T_max) Σ_i Σ_t l_it
+      dapo:    (1/Σ_i |o_i|) Σ_i Σ_t l_it
+    N and Σ|o_i| default to this batch's; pass the whole batch's (num_rows, num_tokens) when it is
+    split into minibatches, so that the minibatch losses add up to the whole batch's loss."""
+    mask = mask.to(logprobs.dtype)
+    num_rows = num_rows or mask.shape[0]
+    num_tokens = num_tokens or mask.sum()
+    ratio = torch.exp(logprobs - old_logprobs)  # ρ_it
+    A = advantages[:, None]
+    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+    stats = {}
+    if beta != 0:
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+        stats["kl"] = common.masked_mean(kl, mask).detach()
+    per_token = torch.where(mask.bool(), per_token, 0.0)
+    if loss_type == "grpo":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_rows
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (num_rows * max_new_tokens)
+    elif loss_type == "dapo":
+        loss = per_token.sum() / num_tokens
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    with torch.no_grad():  # where the clip is active: the gradient of that token is zero
+        stats["clip_low"] = common.masked_mean(((ratio < 1 - epsilon) & (A < 0)).float(), mask)
+        stats["clip_high"] = common.masked_mean(((ratio > 1 + epsilon_high) & (A > 0)).float(), mask)
+        stats["ratio"] = common.masked_mean(ratio, mask)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> None:
+    """Every error that can be found before a model is loaded or a file written."""
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
+    batch = args.prompts_per_step * args.group_size
+    if args.minibatch_size < 1 or batch % args.minibatch_size:
+        raise SystemExit(f"--prompts-per-step × --group-size = {batch} is not divisible by --minibatch-size "
+                         f"{args.minibatch_size}; pick a minibatch size that divides it")
+    if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.num_iterations) < 1:
+        raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --num-iterations must be ≥ 1")
+    if args.temperature <= 0:
+        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows, rules, scorer, args, batch_size: int = 32) -> dict:
+    """Greedy completions on held-out prompts -> mean of each reward function."""
+    texts = []
+    for i in range(0, len(rows), batch_size):
+        with common.autocast(model.device, args.dtype):
+            texts += common.generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]],
+                                     args.max_new_tokens, greedy=True).texts
+    total, parts = common.compute_rewards(rows, texts, rules, args.rule_weight, scorer, args.reward_model_weight)
+    return {"reward": total.mean().item(), **{k: v.mean().item() for k, v in parts.items()}}
+
+
+def main(args: Args) -> Path:
+    # --- checks, before anything is loaded or written ---
+    check_args(args)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    common.check_rewards(args.task, args.data, args.reward_model)
+    common.check_model_name(args.model)
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+
+    # --- set-up: seed, models, optimizer, logging ---
+    common.set_seed(args.seed)
+    device = common.pick_device(args.device)
+    model, tokenizer = common.load_model(args.model, device)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
+    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    rules = common.rule_rewards(args.task, args.data, train_rows)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    run_name = args.run_name or f"grpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
+    run_dir = Path(args.output_dir) / run_name
+    writer = common.make_writer(run_dir, args)
+    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    G, batch_size = args.group_size, args.prompts_per_step * args.group_size
+    rng = torch.Generator().manual_seed(args.seed)
+
+    def run_eval(step):
+        scores = evaluate(model, tokenizer, eval_rows, rules, scorer, args)
+        for k, v in scores.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        return scores
+
+    try:
+        scores = run_eval(0) if eval_rows else {}
+        bar = tqdm(range(1, args.steps + 1), desc="grpo", mininterval=1)
+        for step in bar:
+            # --- 1. rollouts: G completions for each of prompts_per_step prompts ---
+            t0 = time.time()
+            picks = torch.randint(len(train_rows), (args.prompts_per_step,), generator=rng).tolist()
+            rows = [train_rows[i] for i in picks for _ in range(G)]  # groups are contiguous
+            with common.autocast(device, args.dtype):
+                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
+                                          args.temperature, args.top_p)
+            mask = rollout.completion_mask  # [B, T]
+            gen_seconds = time.time() - t0
+
+            # --- 2. rewards and group advantages ---
+            rewards, parts = common.compute_rewards(rows, rollout.texts, rules, args.rule_weight, scorer,
+                                                    args.reward_model_weight)
+            advantages = group_advantages(rewards, G, args.scale_rewards).to(device)  # [B]
+
+            # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
+            t1 = time.time()
+            with common.autocast(device, args.dtype):
+                ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size)
+                                if ref_model is not None else None)
+                old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size)
+                                if args.num_iterations > 1 else None)
+
+            # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
+            num_tokens = mask.sum()
+            stats = []
+            for _ in range(args.num_iterations):
+                optimizer.zero_grad()
+                for rows_mb in torch.arange(batch_size).split(args.minibatch_size):
+                    mb = common.rollout_slice(rollout, rows_mb)
+                    with common.autocast(device, args.dtype):
+                        logits = common.forward_completion(model, mb)
+                    logprobs, entropy = common.token_logprobs(logits, mb.completion_ids, args.temperature, entropy=True)
+                    # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
+                    ref = None if ref_logprobs is None else ref_logprobs[rows_mb]
+                    loss, s = grpo_loss(logprobs, old, ref, advantages[rows_mb], mb.completion_mask, args.beta,
+                                        args.epsilon, epsilon_high, args.loss_type, args.max_new_tokens,
+                                        batch_size, num_tokens)
+                    common.check_finite(loss, "the loss")
+                    loss.backward()
+                    stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                common.check_finite(grad_norm, "the gradient norm")
+                optimizer.step()
+            update_seconds = time.time() - t1
+
+            # --- 5. logging ---
+            lengths = mask.sum(1).float()
+            group_std = rewards.view(-1, G).std(1)
+            metrics = {
+                "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+                "reward/zero_std_groups": (group_std < 1e-6).float().mean(),
+                **{f"reward/{k}": v.mean() for k, v in parts.items()},
+                "advantage/mean": advantages.mean(), "advantage/std": advantages.std(),
+                "advantage/abs_max": advantages.abs().max(),
+                "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
+                "completion/length_max": lengths.max(), "completion/truncated": rollout.truncated.float().mean(),
+                **{f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
+                "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+                "time/generation_s": gen_seconds, "time/update_s": update_seconds,
+                "time/tokens_per_s": lengths.sum() / gen_seconds,
+            }
+            for k, v in metrics.items():
+                writer.add_scalar(k, float(v), step)
+            if step % 10 == 1:
+                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
+            if step % args.eval_interval == 0 or step == args.steps:
+                scores = run_eval(step) if eval_rows else {}
+            bar.set_postfix(reward=f"{rewards.mean():.3f}", kl=f"{float(metrics.get('train/kl', 0)):.4f}",
+                            eval=f"{scores.get('reward', float('nan')):.3f}")
+
+            # --- 6. checkpoint ---
+            if step % args.save_interval == 0 or step == args.steps:
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint")
+    except KeyboardInterrupt:
+        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
+        raise
+    finally:
+        writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
