@@ -449,5 +449,6 @@ def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -
 
 def check_finite(value: torch.Tensor, what: str) -> None:
     """Stop before a NaN/inf reaches the weights; the last checkpoint and the logs stay as they are."""
-    if not math.isfinite(float(value.detach())):
-        raise FloatingPointError(f"{what} is {float(value)}; stopping. The last good checkpoint is kept.")
+    value = float(value.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value}; stopping. The last good checkpoint is kept.")

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+
+import common
+from tiny import tiny_model
+
+
+def test_completion_mask_keeps_eos_when_pad_equals_eos():
+    eos = 7  # generate() pads finished rows with pad == eos: only the first EOS is real
+    ids = torch.tensor([[3, 4, eos, eos, eos], [5, eos, eos, eos, eos], [1, 2, 3, 4, 5]])
+    mask, truncated = common.completion_mask(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_logprobs_of_left_padded_batch_equal_each_sequence_alone():
+    model, tokenizer = tiny_model("llama")
+    model.eval()
+    tokenizer.padding_side = "left"
+    prompts = ["hi", "a much longer prompt here"]
+    rollout = common.generate(model, tokenizer, prompts, max_new_tokens=6)
+    batched = common.completion_logprobs(model, rollout, temperature=0.7)
+    for i in range(2):
+        alone = common.rollout_slice(rollout, [i])
+        keep = alone.prompt_mask[0].bool()  # drop the left padding: the sequence as it is alone
+        alone.prompt_ids, alone.prompt_mask = alone.prompt_ids[:, keep], alone.prompt_mask[:, keep]
+        single = common.completion_logprobs(model, alone, temperature=0.7)
+        m = rollout.completion_mask[i].bool()
+        torch.testing.assert_close(batched[i][m], single[0][m], atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_match_log_softmax_and_entropy():
+    logits = torch.randn(2, 3, 11)
+    ids = torch.randint(11, (2, 3))
+    logprobs, entropy = common.token_logprobs(logits, ids, temperature=2.0, entropy=True)
+    logp = torch.log_softmax(logits / 2.0, -1)
+    torch.testing.assert_close(logprobs, logp.gather(-1, ids[..., None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
+
+
+def test_masked_mean_ignores_nan_at_padded_positions():
+    x = torch.tensor([[1.0, 3.0, float("nan")]])
+    assert common.masked_mean(x, torch.tensor([[1, 1, 0]])).item() == 2.0
+
+
+def test_rule_rewards():
+    assert common.correct_reward("The answer is 85.", "85") == 1.0
+    assert common.correct_reward("85, no wait, 86", "85") == 0.0
+    assert common.correct_reward("1,234", "1234") == 1.0
+    assert common.correct_reward("Paris!", "paris") == 1.0
+    assert common.format_reward(" 85") == 1.0 and common.format_reward("It is 85") == 0.0
+    assert common.letter_reward("aab") == pytest.approx(2 / 3)
+
+
+def test_arithmetic_prompts_train_and_heldout_are_disjoint_and_seeded():
+    train, held = common.load_prompts("arithmetic", None, seed=0)
+    assert len(held) == 64 and not {r["prompt"] for r in held} & {r["prompt"] for r in train}
+    assert common.load_prompts("arithmetic", None, seed=5)[1] == held  # held-out does not move with the seed
+    a, b = map(int, held[0]["prompt"].split("What is ")[1].split("?")[0].split(" + "))
+    assert held[0]["answer"] == str(a + b)
+
+
+def test_jsonl_bad_line_is_reported_with_its_number(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"p.jsonl:2: not valid JSON"):
+        common.read_jsonl_prompts(str(path))
+    path.write_text(json.dumps({"question": "no prompt field"}) + "\n")
+    with pytest.raises(SystemExit, match=r"p.jsonl:1: needs .*\"prompt\""):
+        common.read_jsonl_prompts(str(path))
+
+
+def test_prompt_format_uses_chat_template_only_when_there_is_one():
+    _, gpt2_tok = tiny_model("gpt2")
+    _, llama_tok = tiny_model("llama")
+    assert common.format_prompt(gpt2_tok, "hi") == "Question: hi\nAnswer:"
+    assert common.format_prompt(llama_tok, "hi") == "<|user|>hi<|end|><|assistant|>"
+
+
+def test_load_model_turns_dropout_off_and_sets_a_pad_token(gpt2_folder):
+    model, tokenizer = common.load_model(gpt2_folder, torch.device("cpu"))
+    assert not model.training and tokenizer.pad_token == tokenizer.eos_token
+    assert tokenizer.padding_side == "left"
+
+
+def test_save_checkpoint_replaces_the_old_one_and_loads(gpt2_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = common.load_model(gpt2_folder, torch.device("cpu"))
+    common.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    common.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_compute_rewards_weights_the_arithmetic_rules():
+    train, _ = common.load_prompts("arithmetic", None, seed=0)
+    rows = train[:3]
+    answers = [r["answer"] for r in rows]
+    completions = [answers[0], f"It is {answers[1]}", "no idea"]
+    rules = common.rule_rewards("arithmetic", None, rows)
+    total, parts = common.compute_rewards(rows, completions, rules, rule_weight=2.0)
+    assert parts["correct"].tolist() == [1.0, 1.0, 0.0] and parts["format"].tolist() == [1.0, 0.0, 0.0]
+    torch.testing.assert_close(total, torch.tensor([2 * 1.1, 2 * 1.0, 0.0]))
+
+
+def test_prompts_without_answers_need_a_reward_model(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
+    with pytest.raises(SystemExit, match="--reward-model"):
+        common.check_rewards("arithmetic", str(path), None)
+    assert common.rule_rewards("arithmetic", str(path), common.read_jsonl_prompts(str(path))) == {}
