@@ -434,13 +434,16 @@ def log_samples(writer: SummaryWriter, step: int, prompts: list[str], completion
 def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
     """`save_pretrained` into folder.tmp, then swap: a crash mid-save keeps the last good checkpoint.
 
-    extra: {file name: torch-saveable object} saved beside the model (a value head, say)."""
+    extra: {file name: object} saved beside the model: `.json` names as JSON, others with torch.save."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
+        if name.endswith(".json"):
+            (tmp / name).write_text(json.dumps(obj))
+        else:
+            torch.save(obj, tmp / name)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)

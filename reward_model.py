@@ -1,0 +1,217 @@
+"""A Bradley-Terry reward model from preference pairs, in one file.
+
+Papers: Stiennon et al. 2020, https://arxiv.org/abs/2009.01325 ; Ouyang et al. 2022 (InstructGPT),
+https://arxiv.org/abs/2203.02155 (section 3.5).
+
+The model is the base language model with a scalar head read at the last real token of
+prompt + response. For a pair sharing a prompt, Bradley-Terry says
+P(chosen ≻ rejected) = σ(r_chosen − r_rejected); training minimises −log of it. Held-out pairwise
+accuracy is the number to watch. After training, scores are normalised to mean 0 / std 1 on the
+training responses, so that a KL coefficient in grpo.py / ppo.py / trpo.py means the same thing
+whatever the reward model; the normalisation is saved with the model.
+
+Implemented: JSONL pairs or a built-in offline set from the `arithmetic` task, one-label
+sequence-classification head, held-out accuracy and loss in TensorBoard, `save_pretrained` output
+that the RL scripts take as `--reward-model PATH`. Left out: ties and margins, ensembles.
+
+Run: `python reward_model.py` (embedded SmolLM2-135M-Instruct, built-in pairs), `--help`.
+"""
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """base model: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
+    data: str | None = None
+    """JSONL file of {"prompt", "chosen", "rejected"} lines; default: built-in pairs from the arithmetic task"""
+    num_pairs: int = 1024
+    """size of the built-in preference set (ignored with --data)"""
+    epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 16
+    """pairs per optimizer step"""
+    lr: float = 2e-5
+    """AdamW learning rate"""
+    max_length: int = 128
+    """prompt + response tokens kept (truncated on the right)"""
+    eval_fraction: float = 0.1
+    """share of the pairs held out for accuracy"""
+    eval_interval: int = 20
+    """held-out evaluation every this many steps (and at the end)"""
+    seed: int = 1
+    """seeds the split, the shuffling and the head's initialisation"""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, ..."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
+    output_dir: str = "runs"
+    """TensorBoard events and the model go to output_dir/run_name (the model in checkpoint/)"""
+    run_name: str | None = None
+    """default: rm_<data>_<seed>_<time>"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The math.
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """L = −mean log σ(r_chosen − r_rejected); scores [N] -> scalar."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right, 1[r_chosen > r_rejected], a tie counting one half."""
+    return ((chosen_scores > rejected_scores).float() + 0.5 * (chosen_scores == rejected_scores).float()).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a pair is a dict {"prompt", "chosen", "rejected"}.
+
+
+def arithmetic_pairs(n: int, seed: int) -> list[dict]:
+    """Offline pairs from the arithmetic task: chosen is the bare correct number; rejected is a wrong
+    number, a wrong number in a sentence, or the right number buried in a sentence."""
+    rng = random.Random(seed)
+    train, _ = common.load_prompts("arithmetic", None, seed)  # never the RL scripts' held-out prompts
+    pairs = []
+    for row in train[:n]:
+        answer = int(row["answer"])
+        wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+        rejected = rng.choice([f"{wrong}", f"Let me think. It is probably {wrong}.", f"Well, {answer} I guess, maybe."])
+        pairs.append({"prompt": row["prompt"], "chosen": str(answer), "rejected": rejected})
+    return pairs
+
+
+def read_pairs(path: str) -> list[dict]:
+    """Pairs from a JSONL file; line-numbered errors; pairs with chosen == rejected are dropped."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
+            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
+            if row["chosen"] != row["rejected"]:
+                pairs.append(row)
+    if not pairs:
+        raise SystemExit(f"{path}: no usable pairs (the file is empty, or chosen == rejected on every line)")
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def score_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [N], r_rejected [N]) for a batch of pairs, in one forward pass."""
+    prompts = [p["prompt"] for p in pairs]
+    enc = common.reward_model_inputs(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                     max_length).to(model.device)
+    scores = common.reward_model_scores(model, enc["input_ids"], enc["attention_mask"])
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, pairs, args) -> dict:
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), args.batch_size):
+        with common.autocast(model.device, args.dtype):
+            c, r = score_pairs(model, tokenizer, pairs[i : i + args.batch_size], args.max_length)
+        chosen.append(c)
+        rejected.append(r)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"accuracy": pairwise_accuracy(chosen, rejected).item(), "loss": bradley_terry_loss(chosen, rejected).item(),
+            "scores": torch.cat([chosen, rejected]).cpu()}
+
+
+def main(args: Args) -> Path:
+    # --- checks, before anything is loaded or written ---
+    if not 0 < args.eval_fraction < 1:
+        raise SystemExit("--eval-fraction must be between 0 and 1")
+    pairs = read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
+    if len(pairs) < 2:
+        raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
+    common.check_model_name(args.model)
+
+    # --- set-up ---
+    common.set_seed(args.seed)
+    random.Random(args.seed).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * args.eval_fraction))
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+    device = common.pick_device(args.device)
+    model, tokenizer = common.load_model(args.model, device, kind="reward")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    run_name = args.run_name or f"rm_{Path(args.data).stem if args.data else 'arithmetic'}_{args.seed}_{int(time.time())}"
+    run_dir = Path(args.output_dir) / run_name
+    writer = common.make_writer(run_dir, args)
+    print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out")
+
+    def run_eval(step):
+        result = evaluate(model, tokenizer, eval_pairs, args)
+        writer.add_scalar("eval/accuracy", result["accuracy"], step)
+        writer.add_scalar("eval/loss", result["loss"], step)
+        return result
+
+    try:
+        result = run_eval(0)
+        print(f"held-out accuracy before training: {result['accuracy']:.3f}")
+        steps_per_epoch = -(-len(train_pairs) // args.batch_size)
+        bar = tqdm(range(1, args.epochs * steps_per_epoch + 1), desc="reward model", mininterval=1)
+        order = []
+        for step in bar:
+            # --- one optimizer step on a batch of pairs ---
+            t0 = time.time()
+            if not order:
+                order = list(range(len(train_pairs)))
+                random.Random(args.seed + step).shuffle(order)
+            batch = [train_pairs[order.pop()] for _ in range(min(args.batch_size, len(order)))]
+            with common.autocast(device, args.dtype):
+                chosen, rejected = score_pairs(model, tokenizer, batch, args.max_length)
+            loss = bradley_terry_loss(chosen, rejected)
+            common.check_finite(loss, "the loss")
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+
+            # --- logging ---
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/accuracy", pairwise_accuracy(chosen, rejected).item(), step)
+            writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("time/step_s", time.time() - t0, step)
+            if step % args.eval_interval == 0 or step == len(bar):
+                result = run_eval(step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", eval_acc=f"{result['accuracy']:.3f}")
+
+        # --- normalise on the training responses, then save ---
+        scores = evaluate(model, tokenizer, train_pairs, args)["scores"]
+        norm = {"mean": scores.mean().item(), "std": scores.std().item() + 1e-6, "max_length": args.max_length}
+        common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.REWARD_NORM_FILE: norm})
+        writer.add_text("result", f"held-out accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}")
+        print(f"held-out accuracy {result['accuracy']:.3f}; reward model saved: --reward-model {run_dir / 'checkpoint'}")
+    finally:
+        writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
