@@ -298,6 +298,20 @@ def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_
     return total.float(), {name: values for name, (values, _) in parts.items()}
 
 
+@torch.no_grad()
+def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int, dtype: str, batch_size: int = 32) -> dict:
+    """Greedy completions on held-out prompts -> {"reward": mean total, name: mean of each part}.
+
+    reward_fn(rows, completions) -> (total [N], {name: [N]}), as compute_rewards."""
+    texts = []
+    for i in range(0, len(rows), batch_size):
+        with autocast(model.device, dtype):
+            texts += generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]], max_new_tokens,
+                              greedy=True).texts
+    total, parts = reward_fn(rows, texts)
+    return {"reward": total.mean().item(), **{k: v.mean().item() for k, v in parts.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Rollouts
 

@@ -16,6 +16,7 @@ Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo
 """
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +171,6 @@ def check_args(args: Args) -> None:
         raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, rows, rules, scorer, args, batch_size: int = 32) -> dict:
-    """Greedy completions on held-out prompts -> mean of each reward function."""
-    texts = []
-    for i in range(0, len(rows), batch_size):
-        with common.autocast(model.device, args.dtype):
-            texts += common.generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]],
-                                     args.max_new_tokens, greedy=True).texts
-    total, parts = common.compute_rewards(rows, texts, rules, args.rule_weight, scorer, args.reward_model_weight)
-    return {"reward": total.mean().item(), **{k: v.mean().item() for k, v in parts.items()}}
-
-
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     check_args(args)
@@ -197,6 +186,8 @@ def main(args: Args) -> Path:
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
     scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows)
+    reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
+                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     run_name = args.run_name or f"grpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
@@ -206,7 +197,7 @@ def main(args: Args) -> Path:
     rng = torch.Generator().manual_seed(args.seed)
 
     def run_eval(step):
-        scores = evaluate(model, tokenizer, eval_rows, rules, scorer, args)
+        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
         for k, v in scores.items():
             writer.add_scalar(f"eval/{k}", v, step)
         return scores
@@ -226,8 +217,7 @@ def main(args: Args) -> Path:
             gen_seconds = time.time() - t0
 
             # --- 2. rewards and group advantages ---
-            rewards, parts = common.compute_rewards(rows, rollout.texts, rules, args.rule_weight, scorer,
-                                                    args.reward_model_weight)
+            rewards, parts = reward_fn(rows, rollout.texts)
             advantages = group_advantages(rewards, G, args.scale_rewards).to(device)  # [B]
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---

@@ -1,0 +1,346 @@
+"""PPO for language models (RLHF style), in one file.
+
+Papers: Schulman et al. 2017, https://arxiv.org/abs/1707.06347 (PPO); Ziegler et al. 2019,
+https://arxiv.org/abs/1909.08593 (KL-penalised reward, adaptive KL); Huang et al. 2024, "The N
+Implementation Details of RLHF with PPO" (https://iclr-blogposts.github.io/2024/blog/the-n-implementation-details-of-rlhf-with-ppo/).
+
+One completion per prompt. Each completion token is an action; its reward is
+    r_t = −β (log π_θ(y_t) − log π_ref(y_t))        (the KL penalty, at every token)
+        + score                                      (task or reward-model score, at the last token)
+A value head on the policy's last hidden state estimates V(s_t); GAE turns rewards and values into
+advantages; the policy minimises the clipped surrogate and the value head a clipped squared error,
+for several epochs of minibatches per batch of rollouts.
+
+Implemented: fixed or adaptive β, missing-EOS penalty, advantage and reward whitening, value
+clipping, shared-backbone value head saved with the checkpoint. Left out: a separate value
+network, reward-model-based critic initialisation, gradient accumulation.
+
+Run: `python ppo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python ppo.py --help`.
+"""
+
+import copy
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
+    task: str = "arithmetic"
+    """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
+    data: str | None = None
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    reward_model: str | None = None
+    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
+    reward_model_weight: float = 1.0
+    """weight of the reward-model score in the total score"""
+    rule_weight: float = 1.0
+    """weight of the task's rule rewards in the total score (0: reward model alone)"""
+    steps: int = 100
+    """number of iterations (one batch of rollouts each)"""
+    prompts_per_step: int = 16
+    """rollouts per iteration (one completion per prompt)"""
+    max_new_tokens: int = 32
+    """completion budget; completions without EOS by then get --missing-eos-penalty"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; 1.0 samples from the full distribution"""
+    lr: float = 2e-6
+    """AdamW learning rate (policy and value head)"""
+    beta: float = 0.05
+    """β: KL-penalty coefficient in the per-token reward (initial value when --adaptive-kl)"""
+    adaptive_kl: bool = False
+    """adapt β towards --kl-target (Ziegler et al. 2019)"""
+    kl_target: float = 6.0
+    """target sequence KL (nats) for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive controller, in rollouts"""
+    gamma: float = 1.0
+    """γ: discount"""
+    lam: float = 0.95
+    """λ: GAE parameter"""
+    ppo_epochs: int = 4
+    """passes over each batch of rollouts"""
+    num_minibatches: int = 4
+    """optimizer steps per epoch; the batch is shuffled and split into this many minibatches"""
+    cliprange: float = 0.2
+    """ε: policy ratio clip"""
+    cliprange_value: float = 0.2
+    """value prediction clip around the old value"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    missing_eos_penalty: float | None = -1.0
+    """score given instead of the task/reward-model score to completions with no EOS (None: off)"""
+    whiten_rewards: bool = False
+    """scale per-token rewards to unit variance (mean kept) before GAE"""
+    whiten_advantages: bool = True
+    """whiten advantages over the batch (masked)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    eval_interval: int = 20
+    """greedy held-out evaluation every this many iterations (and before the first, and after the last)"""
+    eval_prompts: int = 64
+    """size of the held-out prompt set"""
+    save_interval: int = 50
+    """checkpoint every this many iterations, and at the end"""
+    seed: int = 1
+    """seeds prompts, sampling and initialisation"""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
+    output_dir: str = "runs"
+    """TensorBoard events and checkpoints go to output_dir/run_name"""
+    run_name: str | None = None
+    """default: ppo_<task>_<seed>_<time>"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The math: pure functions of tensors. Shapes: [B, T] over completion tokens unless noted.
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / sqrt(var + 1e-8) over mask == 1 (biased variance); shift_mean=False keeps the mean."""
+    mean = common.masked_mean(x, mask)
+    var = common.masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0.0)
+
+
+def per_token_rewards(logprobs, ref_logprobs, scores, mask, beta: float):
+    """r_t = −β (log π − log π_ref) at every real token, + score [B] at the last real token.
+
+    Returns (rewards, kl) with kl = log π − log π_ref (k1), both [B, T] and 0 after the EOS."""
+    kl = torch.where(mask.bool(), logprobs - ref_logprobs, 0.0)
+    rewards = -beta * kl
+    last = mask.sum(1) - 1  # index of the EOS (or of the last token when there is none)
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation over the real tokens, bootstrapping from 0 after the last.
+
+    δ_t = r_t + γ V_{t+1} − V_t ;  A_t = δ_t + γλ A_{t+1} ;  returns R_t = A_t + V_t.
+    Rewards and values after the EOS are zeroed first, so nothing leaks across the end."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """L = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = π_θ/π_old -> (loss, stats)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = common.masked_mean(torch.max(losses, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "ratio": common.masked_mean(ratio, mask),
+            "clipfrac": common.masked_mean((clipped > losses).float(), mask),
+            # approx KL(π_old‖π_θ) ≈ (ρ − 1) − log ρ   (http://joschu.net/blog/kl-approx.html)
+            "approxkl": common.masked_mean((ratio - 1) - (logprobs - old_logprobs), mask),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """L_V = ½ mean_t max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²) -> (loss, stats)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * common.masked_mean(torch.max(losses, losses_clipped), mask)
+    return loss, {"clipfrac": common.masked_mean((losses_clipped > losses).float(), mask).detach()}
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al.: e = clip(KL/target − 1, −0.2, 0.2); β ← β (1 + e · n_steps / horizon)."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return beta * (1 + error * n_steps / horizon)
+
+
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R) over real tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    var = common.masked_mean((returns - common.masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    return 1 - common.masked_mean((diff - common.masked_mean(diff, mask)) ** 2, mask) / var.clamp(min=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def forward(model, value_head, rollout, temperature: float):
+    """Policy log-probs, entropy and values for a rollout (slice) -> three [B, T] tensors."""
+    logits, hidden = common.forward_completion(model, rollout, hidden=True)
+    logprobs, entropy = common.token_logprobs(logits, rollout.completion_ids, temperature, entropy=True)
+    return logprobs, entropy, value_head(hidden.float()).squeeze(-1)
+
+
+def check_args(args: Args) -> None:
+    """Every error that can be found before a model is loaded or a file written."""
+    if args.num_minibatches < 1 or args.prompts_per_step % args.num_minibatches:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by --num-minibatches "
+                         f"{args.num_minibatches}; pick numbers where it is")
+    if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.ppo_epochs) < 1:
+        raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --ppo-epochs must be ≥ 1")
+    if args.temperature <= 0:
+        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
+
+
+def main(args: Args) -> Path:
+    # --- checks, before anything is loaded or written ---
+    check_args(args)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    common.check_rewards(args.task, args.data, args.reward_model)
+    common.check_model_name(args.model)
+
+    # --- set-up: seed, policy + value head, reference, optimizer, logging ---
+    common.set_seed(args.seed)
+    device = common.pick_device(args.device)
+    model, tokenizer = common.load_model(args.model, device)
+    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
+    torch.nn.init.zeros_(value_head.bias)
+    ref_model = copy.deepcopy(model).requires_grad_(False)
+    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    rules = common.rule_rewards(args.task, args.data, train_rows)
+    reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
+                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
+    params = list(model.parameters()) + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    run_name = args.run_name or f"ppo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
+    run_dir = Path(args.output_dir) / run_name
+    writer = common.make_writer(run_dir, args)
+    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    B, beta = args.prompts_per_step, args.beta
+    rng = torch.Generator().manual_seed(args.seed)
+
+    def run_eval(step):
+        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
+        for k, v in scores.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        return scores
+
+    def save():
+        common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
+
+    try:
+        eval_scores = run_eval(0) if eval_rows else {}
+        bar = tqdm(range(1, args.steps + 1), desc="ppo", mininterval=1)
+        for step in bar:
+            # --- 1. rollouts: one completion per prompt ---
+            t0 = time.time()
+            rows = [train_rows[i] for i in torch.randint(len(train_rows), (B,), generator=rng).tolist()]
+            with common.autocast(device, args.dtype):
+                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
+                                          args.temperature, args.top_p)
+            mask = rollout.completion_mask  # [B, T]
+            gen_seconds = time.time() - t0
+
+            # --- 2. scores; the missing-EOS penalty replaces the score of truncated completions ---
+            scores, parts = reward_fn(rows, rollout.texts)
+            if args.missing_eos_penalty is not None:
+                scores = torch.where(rollout.truncated.cpu(), args.missing_eos_penalty, scores)
+            scores = scores.to(device)
+
+            # --- 3. old log-probs and values, reference log-probs: no graph, in the first epoch's minibatches ---
+            t1 = time.time()
+            minibatches = [torch.randperm(B, generator=rng).split(B // args.num_minibatches) for _ in range(args.ppo_epochs)]
+            old_logprobs, old_values, ref_logprobs = (torch.zeros(mask.shape, device=device) for _ in range(3))
+            with torch.no_grad(), common.autocast(device, args.dtype):
+                for rows_mb in minibatches[0]:
+                    mb = common.rollout_slice(rollout, rows_mb)
+                    old_logprobs[rows_mb], _, old_values[rows_mb] = forward(model, value_head, mb, args.temperature)
+                    ref_logprobs[rows_mb] = common.token_logprobs(common.forward_completion(ref_model, mb),
+                                                                  mb.completion_ids, args.temperature)
+
+            # --- 4. per-token rewards, GAE, whitening ---
+            rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+            # --- 5. PPO epochs over shuffled minibatches, one optimizer step each ---
+            stats = []
+            for epoch_minibatches in minibatches:
+                for rows_mb in epoch_minibatches:
+                    mb = common.rollout_slice(rollout, rows_mb)
+                    with common.autocast(device, args.dtype):
+                        logprobs, entropy, values = forward(model, value_head, mb, args.temperature)
+                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[rows_mb], advantages[rows_mb],
+                                                    mb.completion_mask, args.cliprange)
+                    vf_loss, vf_stats = value_loss(values, old_values[rows_mb], returns[rows_mb], mb.completion_mask,
+                                                   args.cliprange_value)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    common.check_finite(loss, "the loss")
+                    optimizer.zero_grad()
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
+                                  "value/clipfrac": vf_stats["clipfrac"], "policy/entropy": common.masked_mean(
+                                      entropy.detach(), mb.completion_mask), "train/grad_norm": grad_norm,
+                                  **{f"policy/{k}": v for k, v in pg_stats.items()}})
+            update_seconds = time.time() - t1
+
+            # --- 6. logging ---
+            sequence_kl = kl.sum(1).mean().item()
+            non_score = -beta * kl.sum(1)  # [B]
+            lengths = mask.sum(1).float()
+            metrics = {
+                "objective/scores": scores.mean(), "objective/kl": sequence_kl,
+                "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
+                "objective/kl_coef": beta, **{f"reward/{k}": v.mean() for k, v in parts.items()},
+                **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
+                "value/explained_variance": explained_variance(old_values, returns, mask),
+                "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
+                "train/lr": optimizer.param_groups[0]["lr"], "time/generation_s": gen_seconds,
+                "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
+            }
+            for k, v in metrics.items():
+                writer.add_scalar(k, float(v), step)
+            if step % 10 == 1:
+                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+            if step % args.eval_interval == 0 or step == args.steps:
+                eval_scores = run_eval(step) if eval_rows else {}
+            bar.set_postfix(score=f"{scores.mean():.3f}", kl=f"{sequence_kl:.3f}",
+                            eval=f"{eval_scores.get('reward', float('nan')):.3f}")
+
+            # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
+            if args.adaptive_kl:
+                beta = adaptive_kl_coef(beta, sequence_kl, args.kl_target, args.kl_horizon, B)
+
+            # --- 8. checkpoint (policy + value head) ---
+            if step % args.save_interval == 0 or step == args.steps:
+                save()
+    except KeyboardInterrupt:
+        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
+        raise
+    finally:
+        writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
