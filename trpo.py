@@ -1,0 +1,392 @@
+"""TRPO for language models: conjugate gradient on Fisher-vector products, in one file.
+
+Paper: Schulman et al. 2015, Trust Region Policy Optimization, https://arxiv.org/abs/1502.05477.
+Reference implementations for RL (not LLMs): OpenAI Spinning Up (spinup/algos/pytorch/trpo) and
+OpenAI baselines (trpo_mpi).
+
+Each iteration maximises the surrogate L(θ) = mean_t ρ_t A_t, ρ_t = π_θ(y_t)/π_old(y_t), subject to
+the trust region KL̄(θ) = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) ≤ δ (exact, over the vocabulary):
+
+1. g = ∇L at θ_old; F = ∇²KL̄ at θ_old (the Fisher), used only through products F v;
+2. x ≈ F⁻¹ g by conjugate gradient; full step s = √(2δ / xᵀF x) · x;
+3. backtracking line search on s, s/2, ...: accept the first step with KL̄ ≤ δ and L improved,
+   else keep θ_old (restored bit for bit).
+
+Advantages come from GAE on a KL-penalised per-token reward (as in ppo.py) with a value head
+trained separately (a linear head on the policy's detached last hidden state, its own optimizer),
+or from group z-scores (as in grpo.py) with --advantage group.
+
+Implemented: all parameters or the top N layers under the trust region, a Fisher subsample, CG
+damping. Left out: a separate value network, multi-GPU. The model is loaded with eager attention
+(fused attention kernels have no double backward), and the policy math runs in fp32.
+
+Run: `python trpo.py --trust-region-layers 2` (embedded SmolLM2-135M-Instruct), `python trpo.py --help`.
+"""
+
+import copy
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.EMBEDDED_MODEL
+    """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
+    task: str = "arithmetic"
+    """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
+    data: str | None = None
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    reward_model: str | None = None
+    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
+    reward_model_weight: float = 1.0
+    """weight of the reward-model score in the total score"""
+    rule_weight: float = 1.0
+    """weight of the task's rule rewards in the total score (0: reward model alone)"""
+    steps: int = 100
+    """number of iterations (one batch of rollouts and one trust-region step each)"""
+    prompts_per_step: int = 16
+    """distinct prompts per iteration"""
+    group_size: int = 1
+    """completions per prompt (at least 2 with --advantage group)"""
+    max_new_tokens: int = 32
+    """completion budget; completions without EOS by then get --missing-eos-penalty"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling; 1.0 samples from the full distribution"""
+    advantage: Literal["gae", "group"] = "gae"
+    """`gae`: value head + GAE on the KL-penalised reward; `group`: z-score of the score within each group"""
+    beta: float = 0.05
+    """β: KL-to-reference penalty in the per-token reward (gae only; 0 skips the reference pass)"""
+    gamma: float = 1.0
+    """γ: discount"""
+    lam: float = 0.95
+    """λ: GAE parameter"""
+    whiten_advantages: bool = True
+    """whiten advantages over the batch (masked)"""
+    missing_eos_penalty: float | None = -1.0
+    """score given instead of the task/reward-model score to completions with no EOS (None: off)"""
+    max_kl: float = 0.01
+    """δ: trust-region radius, mean per-token KL(π_old ‖ π_θ) in nats"""
+    cg_iters: int = 10
+    """conjugate-gradient iterations"""
+    cg_damping: float = 0.1
+    """damping added to the Fisher: (F + damping·I) v; you rarely need to change this"""
+    line_search_steps: int = 10
+    """backtracking tries before the step is rejected"""
+    line_search_shrink: float = 0.5
+    """the step is multiplied by this after each failed try"""
+    fisher_fraction: float = 1.0
+    """share of the batch's completions used for Fisher-vector products (cheaper CG)"""
+    trust_region_layers: int | None = None
+    """train only the top N transformer layers (None: all parameters); keeps CG affordable on bigger models"""
+    value_lr: float = 1e-3
+    """Adam learning rate of the value head"""
+    value_iters: int = 20
+    """value-head gradient steps per iteration (full batch)"""
+    eval_interval: int = 20
+    """greedy held-out evaluation every this many iterations (and before the first, and after the last)"""
+    eval_prompts: int = 64
+    """size of the held-out prompt set"""
+    save_interval: int = 50
+    """checkpoint every this many iterations, and at the end"""
+    seed: int = 1
+    """seeds prompts, sampling and initialisation"""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast for generation only (`auto`: on CUDA); the trust-region math is fp32"""
+    output_dir: str = "runs"
+    """TensorBoard events and checkpoints go to output_dir/run_name"""
+    run_name: str | None = None
+    """default: trpo_<task>_<seed>_<time>"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The math: pure functions. Shapes: [B, T] over completion tokens, [B, T, V] for distributions.
+
+
+def surrogate(logprobs, old_logprobs, advantages, mask) -> torch.Tensor:
+    """L(θ) = mean_t ρ_t A_t over real tokens, ρ_t = exp(log π_θ − log π_old)."""
+    return common.masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask)
+
+
+def mean_kl(old_log_dist, log_dist, mask) -> torch.Tensor:
+    """KL̄ = mean_t Σ_v π_old(v) (log π_old(v) − log π_θ(v)); log-distributions [B, T, V]."""
+    kl = (old_log_dist.exp() * (old_log_dist - log_dist)).sum(-1)  # [B, T]
+    return common.masked_mean(kl, mask)
+
+
+def fisher_vector_product(kl_grad: torch.Tensor, params: list, v: torch.Tensor, damping: float) -> torch.Tensor:
+    """F v + damping·v, with F v = ∇_θ (∇_θ KL̄ · v) (double backward; the Hessian of KL̄ at θ_old is
+    the Fisher). kl_grad: the flat ∇KL̄, built with create_graph=True, reused for every v."""
+    hv = torch.autograd.grad((kl_grad * v).sum(), params, retain_graph=True)
+    return torch.cat([h.reshape(-1) for h in hv]) + damping * v
+
+
+def conjugate_gradient(Avp, b: torch.Tensor, iters: int, tol: float = 1e-10):
+    """Solve A x = b for symmetric positive-definite A, given only v ↦ A v. Returns (x, ‖b − A x‖)."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()  # residual b − A x and search direction, x = 0 at the start
+    rr = r @ r
+    for _ in range(iters):
+        if rr < tol:  # solved (or b = 0: nothing to do)
+            break
+        Ap = Avp(p)
+        alpha = rr / (p @ Ap)
+        x += alpha * p
+        r -= alpha * Ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, rr.sqrt()
+
+
+def line_search(params: list, full_step: torch.Tensor, evaluate, surrogate_before: float, max_kl: float,
+                steps: int, shrink: float) -> dict:
+    """Backtracking: θ = θ_old + shrink^k · step for k = 0, 1, ...; accept the first θ with
+    KL̄ ≤ δ and L(θ) > L(θ_old). evaluate() -> (L, KL̄) at the current parameters. If none is
+    accepted, θ_old is written back exactly (a copy of its bits, not θ − step)."""
+    old = parameters_to_vector(params).detach().clone()
+    for k in range(steps):
+        vector_to_parameters(old + shrink**k * full_step, params)
+        surr, kl = evaluate()
+        if kl <= max_kl and surr > surrogate_before:
+            return {"accepted": True, "tries": k + 1, "surrogate": surr, "kl": kl, "step_fraction": shrink**k}
+    vector_to_parameters(old, params)
+    return {"accepted": False, "tries": steps, "surrogate": surrogate_before, "kl": 0.0, "step_fraction": 0.0}
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / sqrt(var + 1e-8) over mask == 1 (biased variance)."""
+    mean = common.masked_mean(x, mask)
+    var = common.masked_mean((x - mean) ** 2, mask)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """δ_t = r_t + γ V_{t+1} − V_t ; A_t = δ_t + γλ A_{t+1} ; R_t = A_t + V_t (0 after the EOS)."""
+    rewards, values = rewards * mask, values * mask
+    advantages, last, T = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), rewards.shape[1]
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * (values[:, t + 1] if t + 1 < T else 0.0) - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def transformer_layers(model) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (model.model.layers, transformer.h, ...)."""
+    n = model.config.get_text_config().num_hidden_layers
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+
+def check_args(args: Args) -> None:
+    """Every error that can be found before a model is loaded or a file written."""
+    if args.advantage == "group" and args.group_size < 2:
+        raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
+    if min(args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens, args.cg_iters) < 1:
+        raise SystemExit("--steps, --prompts-per-step, --group-size, --max-new-tokens and --cg-iters must be ≥ 1")
+    if not 0 < args.fisher_fraction <= 1 or args.max_kl <= 0 or not 0 < args.line_search_shrink < 1:
+        raise SystemExit("need 0 < --fisher-fraction ≤ 1, --max-kl > 0 and 0 < --line-search-shrink < 1")
+    if args.temperature <= 0:
+        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
+
+
+def main(args: Args) -> Path:
+    # --- checks, before anything is loaded or written ---
+    check_args(args)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    common.check_rewards(args.task, args.data, args.reward_model)
+    common.check_model_name(args.model)
+
+    # --- set-up: policy (eager attention for double backward), value head, reference, logging ---
+    common.set_seed(args.seed)
+    device = common.pick_device(args.device)
+    model, tokenizer = common.load_model(args.model, device, attn_implementation="eager")
+    if args.trust_region_layers is not None:
+        model.requires_grad_(False)
+        transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
+    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    value_optimizer = torch.optim.Adam(value_head.parameters(), lr=args.value_lr)
+    use_ref = args.advantage == "gae" and args.beta != 0
+    ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
+    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    rules = common.rule_rewards(args.task, args.data, train_rows)
+    reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
+                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
+    run_name = args.run_name or f"trpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
+    run_dir = Path(args.output_dir) / run_name
+    writer = common.make_writer(run_dir, args)
+    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    G, B = args.group_size, args.prompts_per_step * args.group_size
+    chunks = torch.arange(B).split(8)  # rows per forward pass in the batch-wide passes
+    rng = torch.Generator().manual_seed(args.seed)
+
+    def run_eval(step):
+        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
+        for k, v in scores.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        return scores
+
+    try:
+        eval_scores = run_eval(0) if eval_rows else {}
+        bar = tqdm(range(1, args.steps + 1), desc="trpo", mininterval=1)
+        for step in bar:
+            # --- 1. rollouts: G completions for each prompt ---
+            t0 = time.time()
+            picks = torch.randint(len(train_rows), (args.prompts_per_step,), generator=rng).tolist()
+            rows = [train_rows[i] for i in picks for _ in range(G)]
+            with common.autocast(device, args.dtype):
+                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
+                                          args.temperature, args.top_p)
+            mask = rollout.completion_mask  # [B, T]
+            scores, parts = reward_fn(rows, rollout.texts)
+            if args.missing_eos_penalty is not None:
+                scores = torch.where(rollout.truncated.cpu(), args.missing_eos_penalty, scores)
+            scores = scores.to(device)
+            gen_seconds = time.time() - t0
+
+            # --- 2. the old policy: log-probs, full log-distributions (for the KL), hidden states ---
+            t1 = time.time()
+            old_logprobs, old_log_dist, hidden, ref_logprobs = [], [], [], []
+            with torch.no_grad():
+                for rows_mb in chunks:
+                    mb = common.rollout_slice(rollout, rows_mb)
+                    logits, h = common.forward_completion(model, mb, hidden=True)
+                    old_log_dist.append(torch.log_softmax(logits.float() / args.temperature, -1))  # [b, T, V]
+                    old_logprobs.append(old_log_dist[-1].gather(-1, mb.completion_ids[..., None]).squeeze(-1))
+                    hidden.append(h.float())
+                    if use_ref:
+                        ref_logits = common.forward_completion(ref_model, mb)
+                        ref_logprobs.append(common.token_logprobs(ref_logits, mb.completion_ids, args.temperature))
+            old_logprobs, old_log_dist, hidden = torch.cat(old_logprobs), torch.cat(old_log_dist), torch.cat(hidden)
+
+            # --- 3. advantages: GAE on the KL-penalised reward, or group z-scores ---
+            if args.advantage == "gae":
+                kl = torch.cat(ref_logprobs) - old_logprobs if use_ref else torch.zeros_like(old_logprobs)
+                kl = torch.where(mask.bool(), -kl, 0.0)  # log π − log π_ref
+                rewards = -args.beta * kl
+                rewards[torch.arange(B), mask.sum(1) - 1] += scores  # the score at the EOS
+                with torch.no_grad():
+                    values = value_head(hidden).squeeze(-1)
+                advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+            else:
+                grouped = scores.view(-1, G)
+                z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+                advantages, kl = z.view(-1, 1).expand_as(mask) * mask, torch.zeros(mask.shape, device=device)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+            # --- 4. the policy gradient g = ∇L at θ_old (accumulated over chunks) ---
+            model.zero_grad()
+            for rows_mb in chunks:
+                mb = common.rollout_slice(rollout, rows_mb)
+                logprobs = common.token_logprobs(common.forward_completion(model, mb), mb.completion_ids, args.temperature)
+                # Σ over this chunk's tokens / all real tokens: the chunks add up to L
+                part = (torch.exp(logprobs - old_logprobs[rows_mb]) * advantages[rows_mb] * mb.completion_mask).sum()
+                (part / mask.sum()).backward()
+            g = torch.cat([p.grad.reshape(-1) for p in params])
+            common.check_finite(g.norm(), "the policy gradient")
+            surrogate_before = common.masked_mean(advantages, mask).item()  # ρ = 1 at θ_old
+
+            # --- 5. natural-gradient direction by CG on Fisher-vector products (a subsample) ---
+            t2 = time.time()
+            fisher_rows = torch.randperm(B, generator=rng)[: max(1, math.ceil(args.fisher_fraction * B))]
+            fb = common.rollout_slice(rollout, fisher_rows)
+            log_dist = torch.log_softmax(common.forward_completion(model, fb).float() / args.temperature, -1)
+            kl_grad = torch.autograd.grad(mean_kl(old_log_dist[fisher_rows], log_dist, fb.completion_mask), params,
+                                          create_graph=True)
+            kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
+            Fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
+            x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
+            xFx = (x @ Fvp(x)).clamp(min=1e-12)
+            full_step = torch.sqrt(2 * args.max_kl / xFx) * x  # s = √(2δ / xᵀFx) · x
+            expected_improvement = (g @ full_step).item()
+            del kl_grad, log_dist, Fvp
+            cg_seconds = time.time() - t2
+
+            # --- 6. backtracking line search: KL̄ ≤ δ and L improved, else keep θ_old ---
+            t3 = time.time()
+
+            @torch.no_grad()
+            def evaluate_step():
+                surr, kl_sum = 0.0, 0.0
+                for rows_mb in chunks:
+                    mb = common.rollout_slice(rollout, rows_mb)
+                    log_dist = torch.log_softmax(common.forward_completion(model, mb).float() / args.temperature, -1)
+                    logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
+                    n = mb.completion_mask.sum() / mask.sum()  # this chunk's share of the real tokens
+                    surr += (surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n).item()
+                    kl_sum += (mean_kl(old_log_dist[rows_mb], log_dist, mb.completion_mask) * n).item()
+                return surr, kl_sum
+
+            result = line_search(params, full_step, evaluate_step, surrogate_before, args.max_kl,
+                                 args.line_search_steps, args.line_search_shrink)
+            line_search_seconds = time.time() - t3
+
+            # --- 7. the value head, trained separately on the returns (detached features) ---
+            value_loss = torch.tensor(0.0)
+            if args.advantage == "gae":
+                for _ in range(args.value_iters):
+                    value_loss = common.masked_mean((value_head(hidden).squeeze(-1) - returns) ** 2, mask)
+                    value_optimizer.zero_grad()
+                    value_loss.backward()
+                    value_optimizer.step()
+            update_seconds = time.time() - t1
+
+            # --- 8. logging ---
+            lengths = mask.sum(1).float()
+            metrics = {
+                "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
+                **{f"reward/{k}": v.mean() for k, v in parts.items()},
+                "trpo/surrogate_before": surrogate_before, "trpo/surrogate_after": result["surrogate"],
+                "trpo/expected_improvement": expected_improvement,
+                "trpo/actual_improvement": result["surrogate"] - surrogate_before,
+                "trpo/kl_after": result["kl"], "trpo/accepted": float(result["accepted"]),
+                "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
+                "trpo/cg_residual": cg_residual, "trpo/grad_norm": g.norm(), "value/loss": value_loss.detach(),
+                "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
+                "time/generation_s": gen_seconds, "time/cg_s": cg_seconds, "time/line_search_s": line_search_seconds,
+                "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
+            }
+            for k, v in metrics.items():
+                writer.add_scalar(k, float(v), step)
+            if step % 10 == 1:
+                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+            if step % args.eval_interval == 0 or step == args.steps:
+                eval_scores = run_eval(step) if eval_rows else {}
+            bar.set_postfix(score=f"{scores.mean():.3f}", kl=f"{result['kl']:.4f}", tries=result["tries"],
+                            eval=f"{eval_scores.get('reward', float('nan')):.3f}")
+
+            # --- 9. checkpoint (policy + value head) ---
+            if step % args.save_interval == 0 or step == args.steps:
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
+    except KeyboardInterrupt:
+        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
+        raise
+    finally:
+        writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
