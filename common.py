@@ -220,7 +220,7 @@ def letter_reward(completion: str) -> float:
     return completion.count(LETTER) / max(len(completion), 1)
 
 
-def rule_rewards(task: str, data: str | None, rows: list[dict]) -> dict:
+def rule_rewards(task: str, data: str | None, rows: list[dict], format_weight: float = 0.0) -> dict:
     """The rule reward functions for these prompts, name -> (fn(completion, answer) -> float, weight).
 
     Empty when the prompts have no answers to check (a JSONL file scored by a reward model)."""
@@ -228,7 +228,10 @@ def rule_rewards(task: str, data: str | None, rows: list[dict]) -> dict:
         return {"letter": (lambda c, a: letter_reward(c), 1.0)}
     if any(r["answer"] is None for r in rows):
         return {}
-    return {"correct": (correct_reward, 1.0), "format": (lambda c, a: format_reward(c), 0.1)}
+    rules = {"correct": (correct_reward, 1.0)}
+    if format_weight:
+        rules["format"] = (lambda c, a: format_reward(c), format_weight)
+    return rules
 
 
 def check_rewards(task: str, data: str | None, reward_model: str | None) -> None:

@@ -43,6 +43,8 @@ class Args:
     """weight of the reward-model score in the total reward"""
     rule_weight: float = 1.0
     """weight of the task's rule rewards in the total reward (0: reward model alone)"""
+    format_weight: float = 0.0
+    """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
     steps: int = 100
     """number of training steps (one batch of rollouts each)"""
     prompts_per_step: int = 4
@@ -185,7 +187,7 @@ def main(args: Args) -> Path:
     model, tokenizer = common.load_model(args.model, device)
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
     scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
-    rules = common.rule_rewards(args.task, args.data, train_rows)
+    rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

@@ -53,6 +53,8 @@ class Args:
     """weight of the reward-model score in the total score"""
     rule_weight: float = 1.0
     """weight of the task's rule rewards in the total score (0: reward model alone)"""
+    format_weight: float = 0.0
+    """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
     steps: int = 100
     """number of iterations (one batch of rollouts and one trust-region step each)"""
     prompts_per_step: int = 16
@@ -230,7 +232,7 @@ def main(args: Args) -> Path:
     use_ref = args.advantage == "gae" and args.beta != 0
     ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
     scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
-    rules = common.rule_rewards(args.task, args.data, train_rows)
+    rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     run_name = args.run_name or f"trpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"

@@ -103,7 +103,7 @@ def test_compute_rewards_weights_the_arithmetic_rules():
     rows = train[:3]
     answers = [r["answer"] for r in rows]
     completions = [answers[0], f"It is {answers[1]}", "no idea"]
-    rules = common.rule_rewards("arithmetic", None, rows)
+    rules = common.rule_rewards("arithmetic", None, rows, format_weight=0.1)
     total, parts = common.compute_rewards(rows, completions, rules, rule_weight=2.0)
     assert parts["correct"].tolist() == [1.0, 1.0, 0.0] and parts["format"].tolist() == [1.0, 0.0, 0.0]
     torch.testing.assert_close(total, torch.tensor([2 * 1.1, 2 * 1.0, 0.0]))
