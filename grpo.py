@@ -12,6 +12,7 @@ Implemented: group/batch/no advantage scaling, the paper's per-sequence aggregat
 and DAPO ones, asymmetric clipping (ε_high), μ updates per batch, rule rewards and a reward model.
 Left out: DAPO's dynamic sampling and overlong shaping, GSPO's sequence-level ratio, vLLM.
 
+Walkthrough: docs/walkthrough.md §6 (group z-scores, k3, the loss), §1 (log-probabilities).
 Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo.py --help`.
 """
 
@@ -57,8 +58,8 @@ class Args:
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
     """nucleus sampling; 1.0 samples from the full distribution"""
-    lr: float = 2e-6
-    """AdamW learning rate (the paper uses 1e-6)"""
+    lr: float = 5e-6
+    """AdamW learning rate (the paper uses 1e-6 for 7B models; 5e-6 suits the 135M default)"""
     beta: float = 0.04
     """β: weight of the k3 KL penalty to the reference model (paper: 0.04; 0 skips the reference pass)"""
     epsilon: float = 0.2
@@ -161,12 +162,16 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta: floa
 
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
+    world = common.world_size()
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
+                         "each process samples the same number of prompts")
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
-    batch = args.prompts_per_step * args.group_size
+    batch = args.prompts_per_step // world * args.group_size  # rows on each process
     if args.minibatch_size < 1 or batch % args.minibatch_size:
-        raise SystemExit(f"--prompts-per-step × --group-size = {batch} is not divisible by --minibatch-size "
-                         f"{args.minibatch_size}; pick a minibatch size that divides it")
+        raise SystemExit(f"--prompts-per-step × --group-size = {batch} (per process) is not divisible by "
+                         f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
     if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.num_iterations) < 1:
         raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --num-iterations must be ≥ 1")
     if args.temperature <= 0:
@@ -181,10 +186,13 @@ def main(args: Args) -> Path:
     common.check_model_name(args.model)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
-    # --- set-up: seed, models, optimizer, logging ---
-    common.set_seed(args.seed)
+    # --- set-up: processes, seed, models, optimizer, logging (rank 0 only) ---
     device = common.pick_device(args.device)
+    rank, world = common.init_distributed(device), common.world_size()
+    common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
+    # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
     scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
@@ -193,10 +201,14 @@ def main(args: Args) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     run_name = args.run_name or f"grpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
-    writer = common.make_writer(run_dir, args)
-    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
-    G, batch_size = args.group_size, args.prompts_per_step * args.group_size
-    rng = torch.Generator().manual_seed(args.seed)
+    writer = common.make_writer(run_dir, args) if rank == 0 else None
+    if rank == 0:
+        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
+    G, n_prompts = args.group_size, args.prompts_per_step // world
+    batch_size = n_prompts * G
+    rng = torch.Generator().manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -205,12 +217,12 @@ def main(args: Args) -> Path:
         return scores
 
     try:
-        scores = run_eval(0) if eval_rows else {}
-        bar = tqdm(range(1, args.steps + 1), desc="grpo", mininterval=1)
+        scores = run_eval(0) if eval_rows and rank == 0 else {}
+        bar = tqdm(range(1, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0)
         for step in bar:
             # --- 1. rollouts: G completions for each of prompts_per_step prompts ---
             t0 = time.time()
-            picks = torch.randint(len(train_rows), (args.prompts_per_step,), generator=rng).tolist()
+            picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
             rows = [train_rows[i] for i in picks for _ in range(G)]  # groups are contiguous
             with common.autocast(device, args.dtype):
                 rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
@@ -231,14 +243,16 @@ def main(args: Args) -> Path:
                                 if args.num_iterations > 1 else None)
 
             # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
-            num_tokens = mask.sum()
+            # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's
+            # average of the per-process gradients is then the whole batch's gradient.
+            num_tokens = common.all_mean(mask.sum().float())
             stats = []
             for _ in range(args.num_iterations):
                 optimizer.zero_grad()
                 for rows_mb in torch.arange(batch_size).split(args.minibatch_size):
                     mb = common.rollout_slice(rollout, rows_mb)
                     with common.autocast(device, args.dtype):
-                        logits = common.forward_completion(model, mb)
+                        logits = common.forward_completion(train_model, mb)
                     logprobs, entropy = common.token_logprobs(logits, mb.completion_ids, args.temperature, entropy=True)
                     # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
@@ -254,7 +268,7 @@ def main(args: Args) -> Path:
                 optimizer.step()
             update_seconds = time.time() - t1
 
-            # --- 5. logging ---
+            # --- 5. logging (each figure is this process's, then averaged over processes) ---
             lengths = mask.sum(1).float()
             group_std = rewards.view(-1, G).std(1)
             metrics = {
@@ -270,6 +284,11 @@ def main(args: Args) -> Path:
                 "time/generation_s": gen_seconds, "time/update_s": update_seconds,
                 "time/tokens_per_s": lengths.sum() / gen_seconds,
             }
+            if world > 1:
+                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
+                metrics["dist/replica_spread"] = common.replica_spread(model)  # 0 when all processes agree
+            if rank != 0:
+                continue
             for k, v in metrics.items():
                 writer.add_scalar(k, float(v), step)
             if step % 10 == 1:
@@ -286,7 +305,10 @@ def main(args: Args) -> Path:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

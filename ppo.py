@@ -15,6 +15,7 @@ Implemented: fixed or adaptive β, missing-EOS penalty, advantage and reward whi
 clipping, shared-backbone value head saved with the checkpoint. Left out: a separate value
 network, reward-model-based critic initialisation, gradient accumulation.
 
+Walkthrough: docs/walkthrough.md §4 (GAE, a worked example), §5 (the clip, the value loss).
 Run: `python ppo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python ppo.py --help`.
 """
 
@@ -199,9 +200,13 @@ def forward(model, value_head, rollout, temperature: float):
 
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
-    if args.num_minibatches < 1 or args.prompts_per_step % args.num_minibatches:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by --num-minibatches "
-                         f"{args.num_minibatches}; pick numbers where it is")
+    world = common.world_size()
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
+                         "each process samples the same number of prompts")
+    if args.num_minibatches < 1 or (args.prompts_per_step // world) % args.num_minibatches:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} (per process: {args.prompts_per_step // world}) "
+                         f"is not divisible by --num-minibatches {args.num_minibatches}; pick numbers where it is")
     if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.ppo_epochs) < 1:
         raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --ppo-epochs must be ≥ 1")
     if args.temperature <= 0:
@@ -215,14 +220,18 @@ def main(args: Args) -> Path:
     common.check_rewards(args.task, args.data, args.reward_model)
     common.check_model_name(args.model)
 
-    # --- set-up: seed, policy + value head, reference, optimizer, logging ---
-    common.set_seed(args.seed)
+    # --- set-up: processes, seed, policy + value head, reference, optimizer, logging (rank 0) ---
     device = common.pick_device(args.device)
+    rank, world = common.init_distributed(device), common.world_size()
+    common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
     torch.nn.init.zeros_(value_head.bias)
     ref_model = copy.deepcopy(model).requires_grad_(False)
+    # Under torchrun, DDP averages the gradients of both; rollouts and evaluation use the bare modules.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    train_model, train_value_head = (ddp(model), ddp(value_head)) if world > 1 else (model, value_head)
     scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
@@ -231,10 +240,14 @@ def main(args: Args) -> Path:
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     run_name = args.run_name or f"ppo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
-    writer = common.make_writer(run_dir, args)
-    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
-    B, beta = args.prompts_per_step, args.beta
-    rng = torch.Generator().manual_seed(args.seed)
+    writer = common.make_writer(run_dir, args) if rank == 0 else None
+    if rank == 0:
+        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    # Each process samples its own prompts_per_step / world prompts (seed + rank) and whitens its
+    # own advantages; β stays the same everywhere because the KL that adapts it is averaged.
+    B, beta = args.prompts_per_step // world, args.beta
+    rng = torch.Generator().manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -242,12 +255,9 @@ def main(args: Args) -> Path:
             writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
-    def save():
-        common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
-
     try:
-        eval_scores = run_eval(0) if eval_rows else {}
-        bar = tqdm(range(1, args.steps + 1), desc="ppo", mininterval=1)
+        eval_scores = run_eval(0) if eval_rows and rank == 0 else {}
+        bar = tqdm(range(1, args.steps + 1), desc="ppo", mininterval=1, disable=rank != 0)
         for step in bar:
             # --- 1. rollouts: one completion per prompt ---
             t0 = time.time()
@@ -289,7 +299,7 @@ def main(args: Args) -> Path:
                 for rows_mb in epoch_minibatches:
                     mb = common.rollout_slice(rollout, rows_mb)
                     with common.autocast(device, args.dtype):
-                        logprobs, entropy, values = forward(model, value_head, mb, args.temperature)
+                        logprobs, entropy, values = forward(train_model, train_value_head, mb, args.temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[rows_mb], advantages[rows_mb],
                                                     mb.completion_mask, args.cliprange)
                     vf_loss, vf_stats = value_loss(values, old_values[rows_mb], returns[rows_mb], mb.completion_mask,
@@ -306,8 +316,8 @@ def main(args: Args) -> Path:
                                   **{f"policy/{k}": v for k, v in pg_stats.items()}})
             update_seconds = time.time() - t1
 
-            # --- 6. logging ---
-            sequence_kl = kl.sum(1).mean().item()
+            # --- 6. statistics (each figure is this process's, then averaged over processes) ---
+            sequence_kl = common.all_mean(kl.sum(1).mean()).item()
             non_score = -beta * kl.sum(1)  # [B]
             lengths = mask.sum(1).float()
             metrics = {
@@ -320,6 +330,17 @@ def main(args: Args) -> Path:
                 "train/lr": optimizer.param_groups[0]["lr"], "time/generation_s": gen_seconds,
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
             }
+            if world > 1:
+                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
+                metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
+
+            # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
+            if args.adaptive_kl:
+                beta = adaptive_kl_coef(beta, sequence_kl, args.kl_target, args.kl_horizon, args.prompts_per_step)
+
+            # --- 8. logging, evaluation and checkpoints: rank 0 only ---
+            if rank != 0:
+                continue
             for k, v in metrics.items():
                 writer.add_scalar(k, float(v), step)
             if step % 10 == 1:
@@ -329,18 +350,16 @@ def main(args: Args) -> Path:
             bar.set_postfix(score=f"{scores.mean():.3f}", kl=f"{sequence_kl:.3f}",
                             eval=f"{eval_scores.get('reward', float('nan')):.3f}")
 
-            # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
-            if args.adaptive_kl:
-                beta = adaptive_kl_coef(beta, sequence_kl, args.kl_target, args.kl_horizon, B)
-
-            # --- 8. checkpoint (policy + value head) ---
-            if step % args.save_interval == 0 or step == args.steps:
-                save()
+            if step % args.save_interval == 0 or step == args.steps:  # policy + value head
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

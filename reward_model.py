@@ -14,6 +14,7 @@ Implemented: JSONL pairs or a built-in offline set from the `arithmetic` task, o
 sequence-classification head, held-out accuracy and loss in TensorBoard, `save_pretrained` output
 that the RL scripts take as `--reward-model PATH`. Left out: ties and margins, ensembles.
 
+Walkthrough: docs/walkthrough.md §2 (rules versus a reward model, Bradley-Terry).
 Run: `python reward_model.py` (embedded SmolLM2-135M-Instruct, built-in pairs), `--help`.
 """
 

