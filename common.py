@@ -171,21 +171,29 @@ def letter_prompts(n: int, seed: int) -> list[dict]:
     return [{"prompt": f"Say something about {rng.choice(words)} {i}.", "answer": None} for i in range(n)]
 
 
-def read_jsonl_prompts(path: str) -> list[dict]:
-    """Prompts from a JSONL file: one object per line, "prompt" (str) and optional "answer"."""
+def read_jsonl(path: str) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) for each non-empty line; errors name the file and the line."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such file")
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise SystemExit(f'{path}:{lineno}: needs a non-empty string field "prompt"')
-            answer = row.get("answer")
-            rows.append({"prompt": row["prompt"], "answer": None if answer is None else str(answer)})
+            if line.strip():
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
+    return rows
+
+
+def read_jsonl_prompts(path: str) -> list[dict]:
+    """Prompts from a JSONL file: one object per line, "prompt" (str) and optional "answer"."""
+    rows = []
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise SystemExit(f'{path}:{lineno}: needs a non-empty string field "prompt"')
+        answer = row.get("answer")
+        rows.append({"prompt": row["prompt"], "answer": None if answer is None else str(answer)})
     if not rows:
         raise SystemExit(f"{path}: no prompts in the file")
     return rows

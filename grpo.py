@@ -283,6 +283,7 @@ def main(args: Args) -> Path:
                 "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
                 "time/generation_s": gen_seconds, "time/update_s": update_seconds,
                 "time/tokens_per_s": lengths.sum() / gen_seconds,
+                "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,
             }
             if world > 1:
                 metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}

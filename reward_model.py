@@ -18,7 +18,6 @@ Walkthrough: docs/walkthrough.md §2 (rules versus a reward model, Bradley-Terry
 Run: `python reward_model.py` (embedded SmolLM2-135M-Instruct, built-in pairs), `--help`.
 """
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -100,19 +99,12 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
 def read_pairs(path: str) -> list[dict]:
     """Pairs from a JSONL file; line-numbered errors; pairs with chosen == rejected are dropped."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
-            if row["chosen"] != row["rejected"]:
-                pairs.append(row)
+    for lineno, row in common.read_jsonl(path):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
+        if row["chosen"] != row["rejected"]:
+            pairs.append(row)
     if not pairs:
         raise SystemExit(f"{path}: no usable pairs (the file is empty, or chosen == rejected on every line)")
     return pairs

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py grpo --steps 20 --prompts-per-step 4 --group-size 8
     python benchmarks/bench.py reward_model --num-pairs 1024
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench.py grpo --steps 4
 
 The first word names the script (grpo, ppo, trpo, reward_model); everything after it is passed to
 that script's own `Args`. Figures come from the run's TensorBoard events and from the process:
@@ -10,6 +11,7 @@ medians of the per-step timings, peak resident memory (CPU) or peak allocated me
 
 import importlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -22,7 +24,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TIMINGS = ["time/generation_s", "time/cg_s", "time/line_search_s", "time/update_s", "time/step_s", "time/tokens_per_s"]
+TIMINGS = ["time/generation_s", "time/cg_s", "time/line_search_s", "time/update_s", "time/step_s", "time/tokens_per_s",
+           "time/update_tokens_per_s"]
 BEFORE_AFTER = ["eval/reward", "eval/correct", "eval/accuracy", "reward/mean", "objective/scores"]
 
 
@@ -33,6 +36,8 @@ def main() -> None:
     start = time.time()
     run_dir = script.main(args)
     wall = time.time() - start
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])

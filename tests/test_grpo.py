@@ -168,6 +168,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(llama_folder, tmp_path,
     (["--model", "no-such-org/no-such-model"], "not a local folder and not loadable"),
     (["--model", "./missing-folder"], "no config.json"),
     (["--data", "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+    (["--data", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
     (["--task", "poetry"], "unknown"),
 ])
 def test_bad_input_fails_early_and_writes_nothing(argv, message, tmp_path):
