@@ -14,6 +14,7 @@ Left out: DAPO's dynamic sampling and overlong shaping, GSPO's sequence-level ra
 
 Walkthrough: docs/walkthrough.md §6 (group z-scores, k3, the loss), §1 (log-probabilities).
 Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo.py --help`.
+Several processes: `torchrun --nproc-per-node N grpo.py ...` (DDP; README, "Several processes").
 """
 
 import copy
@@ -309,6 +310,7 @@ def main(args: Args) -> Path:
         if writer is not None:
             writer.close()
     if world > 1:
+        torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
     return run_dir
 

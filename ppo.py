@@ -17,6 +17,7 @@ network, reward-model-based critic initialisation, gradient accumulation.
 
 Walkthrough: docs/walkthrough.md §4 (GAE, a worked example), §5 (the clip, the value loss).
 Run: `python ppo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python ppo.py --help`.
+Several processes: `torchrun --nproc-per-node N ppo.py ...` (DDP; README, "Several processes").
 """
 
 import copy
@@ -359,6 +360,7 @@ def main(args: Args) -> Path:
         if writer is not None:
             writer.close()
     if world > 1:
+        torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
     return run_dir
 

@@ -17,11 +17,12 @@ trained separately (a linear head on the policy's detached last hidden state, it
 or from group z-scores (as in grpo.py) with --advantage group.
 
 Implemented: all parameters or the top N layers under the trust region, a Fisher subsample, CG
-damping. Left out: a separate value network, multi-GPU. The model is loaded with eager attention
+damping. Left out: a separate value network. The model is loaded with eager attention
 (fused attention kernels have no double backward), and the policy math runs in fp32.
 
 Walkthrough: docs/walkthrough.md §3 (surrogate, KL constraint, CG, line search), §4 (GAE).
 Run: `python trpo.py --trust-region-layers 2` (embedded SmolLM2-135M-Instruct), `python trpo.py --help`.
+Several processes: `torchrun --nproc-per-node N trpo.py ...` (DDP; README, "Several processes").
 """
 
 import copy
@@ -413,6 +414,7 @@ def main(args: Args) -> Path:
         if writer is not None:
             writer.close()
     if world > 1:
+        torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
     return run_dir
 

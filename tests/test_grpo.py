@@ -139,23 +139,28 @@ def test_grpo_learns_the_letter_reward(llama_folder, tmp_path):
     assert last > first + 0.1, (first, last)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_checkpoint(llama_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, error", [(float("nan"), FloatingPointError), (KeyboardInterrupt, KeyboardInterrupt)])
+def test_nan_or_ctrl_c_stops_the_run_and_keeps_the_last_checkpoint(failure, error, llama_folder, tmp_path, monkeypatch):
     calls = []
 
-    def reward_then_nan(completion):
+    def reward_then_failure(completion):
         calls.append(1)
-        return float("nan") if len(calls) > 2 * 8 + 4 else 0.5 + 0.1 * len(calls) % 3  # NaN from step 3 on
+        if len(calls) <= 2 * 8 + 4:  # steps 1 and 2 (8 completions each) and the first evaluation (4)
+            return 0.5 + 0.1 * (len(calls) % 3)
+        if failure is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return failure
 
-    monkeypatch.setattr(common, "letter_reward", reward_then_nan)
+    monkeypatch.setattr(common, "letter_reward", reward_then_failure)
     args = grpo.Args(model=llama_folder, task="letter", steps=5, eval_prompts=4, eval_interval=1000, save_interval=1,
-                     max_new_tokens=8, output_dir=str(tmp_path), run_name="nan", group_size=4, prompts_per_step=2)
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+                     max_new_tokens=8, output_dir=str(tmp_path), run_name="stop", group_size=4, prompts_per_step=2)
+    with pytest.raises(error):
         grpo.main(args)
-    run_dir = tmp_path / "nan"
+    run_dir = tmp_path / "stop"
     assert len(scalars(run_dir, "reward/mean")) == 2  # steps 1 and 2 were logged and flushed
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+    AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")  # the checkpoint of step 2
     assert not (run_dir / "checkpoint.tmp").exists()
 
 

@@ -58,6 +58,17 @@ def test_scores_do_not_depend_on_padding_side_or_batch(trained_rm):
     assert left[0] > left[1]  # yes beats no
 
 
+def test_reloaded_reward_model_reproduces_the_saved_normalisation(trained_rm):
+    """The normalisation was computed by the in-memory model on the training responses; the model
+    read back from disk must give those responses mean 0 and std 1 again."""
+    pairs = reward_model.read_pairs(str(trained_rm.parent / "pairs.jsonl"))
+    random.Random(1).shuffle(pairs)  # main()'s split: seed 1, 10 % held out first
+    train = pairs[max(1, int(len(pairs) * 0.1)):]
+    scorer = common.RewardScorer.load(str(trained_rm / "checkpoint"), torch.device("cpu"))
+    scores = scorer([p["prompt"] for p in train] * 2, [p["chosen"] for p in train] + [p["rejected"] for p in train])
+    assert abs(scores.mean().item()) < 1e-4 and abs(scores.std().item() - 1) < 1e-4
+
+
 def test_saved_reward_model_reloads_with_the_same_scores(trained_rm):
     path = str(trained_rm / "checkpoint")
     a = common.RewardScorer.load(path, torch.device("cpu"))(["Question 9: moon?"] * 2, ["yes moon", "no moon"])
