@@ -250,8 +250,10 @@ def rule_rewards(task: str, data: str | None, rows: list[dict], format_weight: f
     return rules
 
 
-def check_rewards(task: str, data: str | None, reward_model: str | None) -> None:
-    """Fail early when there is nothing to reward: answers missing and no reward model."""
+def check_rewards(task: str, data: str | None, reward_model: str | None, rule_weight: float = 1.0) -> None:
+    """Fail early when there is nothing to reward: answers missing, or rules off, and no reward model."""
+    if rule_weight == 0 and reward_model is None:
+        raise SystemExit("--rule-weight 0 leaves no reward: pass --reward-model, or keep the rule rewards")
     if reward_model is not None and not (Path(reward_model) / REWARD_NORM_FILE).is_file():
         raise SystemExit(f"--reward-model {reward_model}: not a folder written by reward_model.py (no {REWARD_NORM_FILE})")
     if data is not None and reward_model is None:
