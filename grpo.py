@@ -208,6 +208,8 @@ def main(args: Args) -> Path:
     # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
     G, n_prompts = args.group_size, args.prompts_per_step // world
     batch_size = n_prompts * G
+    # Minibatches made of whole groups run each prompt once (common.forward_completion).
+    shared = G if args.minibatch_size % G == 0 else 1
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
@@ -238,10 +240,10 @@ def main(args: Args) -> Path:
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
             t1 = time.time()
             with common.autocast(device, args.dtype):
-                ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size)
-                                if ref_model is not None else None)
-                old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size)
-                                if args.num_iterations > 1 else None)
+                ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
+                                                           group_size=shared) if ref_model is not None else None)
+                old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
+                                                           group_size=shared) if args.num_iterations > 1 else None)
 
             # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
             # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's
@@ -253,7 +255,7 @@ def main(args: Args) -> Path:
                 for rows_mb in torch.arange(batch_size).split(args.minibatch_size):
                     mb = common.rollout_slice(rollout, rows_mb)
                     with common.autocast(device, args.dtype):
-                        logits = common.forward_completion(train_model, mb)
+                        logits = common.forward_completion(train_model, mb, group_size=shared)
                     logprobs, entropy = common.token_logprobs(logits, mb.completion_ids, args.temperature, entropy=True)
                     # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]

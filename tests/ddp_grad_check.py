@@ -1,6 +1,7 @@
 """Run under `torchrun --nproc-per-node 2`: the gradient DDP averages over processes, each holding
 half of a fixed batch, equals the gradient of the whole batch in one process (GRPO's loss, each
-aggregation). Exits non-zero on a mismatch."""
+aggregation; the processes score with shared prompts, the single process without). Exits non-zero
+on a mismatch."""
 
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ torch.manual_seed(0)
 model, tokenizer = tiny_model("llama")
 model.eval()
 tokenizer.padding_side = "left"
-rollout = common.generate(model, tokenizer, ["a", "bb", "ccc", "dddd", "e", "ff", "ggg", "h"], max_new_tokens=6)
+rollout = common.generate(model, tokenizer, ["a", "a", "bb", "bb", "ccc", "ccc", "dddd", "dddd"], max_new_tokens=6)
 for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask):
     dist.broadcast(t, 0)  # the same fixed batch everywhere
 B, mask = 8, rollout.completion_mask
@@ -29,9 +30,9 @@ with torch.no_grad():
 ddp_model = torch.nn.parallel.DistributedDataParallel(model)
 
 
-def gradient(m, rows, num_tokens, loss_type):
+def gradient(m, rows, num_tokens, loss_type, group_size):
     mb = common.rollout_slice(rollout, rows)
-    logprobs = common.token_logprobs(common.forward_completion(m, mb), mb.completion_ids)
+    logprobs = common.token_logprobs(common.forward_completion(m, mb, group_size=group_size), mb.completion_ids)
     loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), ref_logprobs[rows], advantages[rows], mb.completion_mask,
                              0.04, 0.2, 0.2, loss_type, 6, num_rows=len(rows), num_tokens=num_tokens)
     model.zero_grad()
@@ -41,10 +42,10 @@ def gradient(m, rows, num_tokens, loss_type):
 
 worst = 0.0
 for loss_type in ["grpo", "dr_grpo", "dapo"]:
-    whole = gradient(model, torch.arange(B), mask.sum(), loss_type)  # one process, no DDP
+    whole = gradient(model, torch.arange(B), mask.sum(), loss_type, group_size=1)  # one process, no DDP
     rows = torch.arange(B)[rank * B // world : (rank + 1) * B // world]
     num_tokens = common.all_mean(mask[rows].sum().float())  # the loop's normaliser: all tokens / world
-    averaged = gradient(ddp_model, rows, num_tokens, loss_type)
+    averaged = gradient(ddp_model, rows, num_tokens, loss_type, group_size=2)
     worst = max(worst, (averaged - whole).abs().max().item())
 print(f"rank {rank}: max |averaged − whole| = {worst:.2e}")
 dist.destroy_process_group()

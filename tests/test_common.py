@@ -135,3 +135,22 @@ def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tm
     ids = tokenizer("What is 2 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gguf_model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_prompt_scoring_gives_the_same_logprobs_and_gradients(arch):
+    model, tokenizer = tiny_model(arch)
+    model.eval()
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    rollout = common.generate(model, tokenizer, [p for p in ["hi", "a longer prompt", "xyz"] for _ in range(4)], 8)
+    mask, weights = rollout.completion_mask.bool(), torch.randn(12, 1)
+    grads = []
+    for group_size in (1, 4):
+        model.zero_grad()
+        logprobs = common.token_logprobs(common.forward_completion(model, rollout, group_size=group_size),
+                                         rollout.completion_ids)
+        (torch.where(mask, logprobs, 0.0) * weights).sum().backward()
+        grads.append((logprobs.detach()[mask], torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
+    assert ((grads[1][1] - grads[0][1]).norm() / grads[0][1].norm()).item() < 1e-5
