@@ -395,7 +395,7 @@ def forward_completion(model, rollout: Rollout, hidden: bool = False, group_size
 
     group_size=G > 1: rows come in groups of G that share one prompt (GRPO); each prompt is run
     once and its key/value cache repeated G times for the completions. Same numbers, same
-    gradients (they flow back through the repeated cache), about 40 % less work on short answers."""
+    gradients (they flow back through the repeated cache); less work when prompts are long."""
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
