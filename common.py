@@ -9,7 +9,16 @@ Nothing here is specific to one algorithm. In reading order:
 4. Log-probabilities: one forward pass over prompt + completion, logits only where they are needed.
 5. Logging and checkpoints: TensorBoard, samples, atomic `save_pretrained`.
 
-Details and their sources: ../shared/RLHF_NOTES.md, numbered there and referred to as "note N" here.
+The details that make RL on language models work are referred to as "note N" in the comments:
+1. left-pad prompts; position ids from the attention mask, so padding does not shift positions;
+2. recompute log-probabilities in a separate pass, with logits divided by the sampling temperature;
+3. the completion mask runs up to and including the first EOS, built by position (pad may be eos);
+4. dropout off, or the policy and the reference disagree before any update;
+5. logits at position t predict token t+1;
+6. the [batch, length, vocabulary] logits, not the weights, run out of memory first;
+7. the chat template when the tokenizer has one, a plain-text prompt when it does not.
+Sources: Huang et al. 2024, "The N Implementation Details of RLHF with PPO"; Shao et al. 2024
+(DeepSeekMath, GRPO); the TRL and OpenRLHF issue trackers.
 """
 
 import importlib.util
