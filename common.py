@@ -17,8 +17,8 @@ The details that make RL on language models work are referred to as "note N" in 
 5. logits at position t predict token t+1;
 6. the [batch, length, vocabulary] logits, not the weights, run out of memory first;
 7. the chat template when the tokenizer has one, a plain-text prompt when it does not.
-Sources: Huang et al. 2024, "The N Implementation Details of RLHF with PPO"; Shao et al. 2024
-(DeepSeekMath, GRPO); the TRL and OpenRLHF issue trackers.
+Sources: Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (ICLR blog track);
+Shao et al. 2024, DeepSeekMath (GRPO).
 """
 
 import importlib.util
