@@ -318,9 +318,8 @@ def main(args: Args) -> Path:
             for rows_mb in chunks:
                 mb = common.rollout_slice(rollout, rows_mb)
                 logprobs = common.token_logprobs(common.forward_completion(model, mb), mb.completion_ids, args.temperature)
-                # Σ over this chunk's tokens / all real tokens: the chunks add up to L
-                part = (torch.exp(logprobs - old_logprobs[rows_mb]) * advantages[rows_mb] * mb.completion_mask).sum()
-                (part / num_tokens).backward()
+                n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens: the chunks add up to L
+                (surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n).backward()
             g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
             common.check_finite(g.norm(), "the policy gradient")
             surrogate_before = (common.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
