@@ -259,14 +259,16 @@ def rule_rewards(task: str, data: str | None, rows: list[dict], format_weight: f
     return rules
 
 
-def check_rewards(task: str, data: str | None, reward_model: str | None, rule_weight: float = 1.0) -> None:
-    """Fail early when there is nothing to reward: answers missing, or rules off, and no reward model."""
+def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, rule_weight: float = 1.0) -> None:
+    """Fail early when there is nothing to reward: answers missing, or rules off, and no reward model.
+
+    rows: the prompts load_prompts read (train + held-out)."""
     if rule_weight == 0 and reward_model is None:
         raise SystemExit("--rule-weight 0 leaves no reward: pass --reward-model, or keep the rule rewards")
     if reward_model is not None and not (Path(reward_model) / REWARD_NORM_FILE).is_file():
         raise SystemExit(f"--reward-model {reward_model}: not a folder written by reward_model.py (no {REWARD_NORM_FILE})")
     if data is not None and reward_model is None:
-        if any(row["answer"] is None for row in read_jsonl_prompts(data)):
+        if any(row["answer"] is None for row in rows):
             raise SystemExit(f"{data}: some lines have no \"answer\" to check; add answers or pass --reward-model")
 
 
@@ -405,7 +407,6 @@ def forward_completion(model, rollout: Rollout, hidden: bool = False, group_size
     group_size=G > 1: rows come in groups of G that share one prompt (GRPO); each prompt is run
     once and its key/value cache repeated G times for the completions. Same numbers, same
     gradients (they flow back through the repeated cache); less work when prompts are long."""
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
@@ -418,6 +419,7 @@ def forward_completion(model, rollout: Rollout, hidden: bool = False, group_size
                     cache=prompt.past_key_values)
         # The prompt's last position predicts the first completion token; the rest predict the others.
         return torch.cat([prompt.logits.repeat_interleave(group_size, 0), out.logits[:, :-1]], 1)
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=T + 1, output_hidden_states=hidden)
     logits = out.logits[:, :-1]  # [B, T, V]

@@ -218,7 +218,7 @@ def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
-    common.check_rewards(args.task, args.data, args.reward_model, args.rule_weight)
+    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
 
     # --- set-up: processes, seed, policy + value head, reference, optimizer, logging (rank 0) ---

