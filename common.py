@@ -118,10 +118,12 @@ def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
 
     logging.disable_progress_bar()  # no per-file bars when loading and saving weights
     folder = embedded_model_folder() if name == EMBEDDED_MODEL else check_model_name(name)
+    # sdpa: the attention that reads `pack`'s boolean [n, n] mask as "True: attend".
+    kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa", **kwargs}
     if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
     tokenizer = load_tokenizer(folder)
     model.config.pad_token_id = tokenizer.pad_token_id
     # Dropout off (note 4): eval() for the whole run, also while training; nothing else depends on it.
@@ -373,65 +375,118 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch
     return mask.long(), ~is_eos.any(1)
 
 
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: the argmax, or a draw from softmax(logits / T) cut to
+    the top-p nucleus (the fewest most likely tokens whose probabilities add up to at least top_p)."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the nucleus is full before this token
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)  # multinomial renormalises
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False) -> Rollout:
-    """Sample one completion per prompt text (repeat a prompt G times for a group)."""
-    from transformers import GenerationConfig
+             top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Rollout:
+    """Sample G = group_size completions for each prompt -> a Rollout of len(prompts)·G rows, each
+    prompt's G rows next to each other.
 
+    Each prompt is run once and its key/value cache repeated G times; a row leaves the batch once it
+    has sampled EOS, so later steps decode only the rows still running."""
     enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                     add_special_tokens=False).to(model.device)
-    eos = eos_ids(model, tokenizer)
-    # A fresh config: no sampling defaults (top_k, repetition penalty) inherited from the model.
-    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                              **sampling)
-    out = model.generate(**enc, generation_config=config)
-    completion_ids = out[:, enc["input_ids"].shape[1] :].clone()  # clone: usable later in autograd
-    mask, truncated = completion_mask(completion_ids, eos)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [B, P]
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, logits_to_keep=1,
+                position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # note 1
+    cache = out.cache
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B, V]: predicts each row's first token
+    eos = torch.tensor(eos_ids(model, tokenizer), device=model.device)
+    completion_ids = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, device=model.device)
+    running, attention_mask = torch.arange(len(prompt_ids), device=model.device), prompt_mask  # rows still decoding
+    for t in range(max_new_tokens):
+        next_ids = sample(logits, temperature, top_p, greedy)  # [rows running]
+        completion_ids[running, t] = next_ids
+        going_on = ~torch.isin(next_ids, eos)
+        if t == max_new_tokens - 1 or not going_on.any():
+            break
+        if not going_on.all():  # drop the rows that just ended from the batch and from the cache
+            running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
+            cache.batch_select_indices(going_on.nonzero().squeeze(1))
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
+        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                       position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
+    completion_ids = completion_ids[:, : t + 1]
+    mask, truncated = completion_mask(completion_ids, eos.tolist())
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return Rollout(enc["input_ids"], enc["attention_mask"], completion_ids, mask, truncated, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts)
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. Log-probabilities
 
 
-def forward_completion(model, rollout: Rollout, hidden: bool = False, group_size: int = 1):
-    """One forward pass over prompt + completion; logits only at the completion's positions.
+def pack(rollout: Rollout, group_size: int = 1) -> dict:
+    """Lay a batch out as one row of its real tokens: each prompt once (rows come in groups of
+    G = group_size that share one prompt), then each completion up to its mask's end; no padding.
 
-    Logits at position t predict token t+1 (note 5), so the completion's T tokens are predicted by
-    the T positions before them. Position ids skip left padding (note 1). Returns logits [B, T, V]
-    (and the last hidden state [B, T, H] with hidden=True, for a value head).
+    Token i attends to token j when both are in the same group, j ≤ i, and j is a prompt token or
+    in the same completion: each completion sees its prompt and its own past, exactly as alone.
+    Returns input_ids and position_ids [1, n], that attention mask [1, 1, n, n] (True: attend), and
+    `before` [N]: for each of the N real completion tokens, in row-major order, the packed index of
+    the token before it, whose hidden state predicts it (note 5)."""
+    G, device = group_size, rollout.completion_ids.device
+    in_prompt = rollout.prompt_mask[::G].bool()  # [B/G, P]: each group's prompt, padding dropped
+    in_completion = rollout.completion_mask.bool()  # [B, T]
+    prompt_len = in_prompt.sum(1)  # [B/G]
+    p_group, _ = in_prompt.nonzero(as_tuple=True)  # per prompt token: its group
+    c_row, c_t = in_completion.nonzero(as_tuple=True)  # per completion token: its row and position
+    c_group = c_row // G
+    group, row = torch.cat([p_group, c_group]), torch.cat([torch.full_like(p_group, -1), c_row])  # [n]
+    position_ids = torch.cat([(in_prompt.cumsum(1) - 1)[in_prompt], prompt_len[c_group] + c_t])  # note 1
+    i = torch.arange(len(group), device=device)
+    attend = (group[:, None] == group) & (i[None] <= i[:, None]) & ((row == -1)[None] | (row[:, None] == row))
+    # A completion's first token is predicted by the last token of its prompt, the others by the one before.
+    before = torch.where(c_t == 0, prompt_len.cumsum(0)[c_group] - 1, i[len(p_group) :] - 1)
+    input_ids = torch.cat([rollout.prompt_ids[::G][in_prompt], rollout.completion_ids[in_completion]])
+    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "attention_mask": attend[None, None],
+            "before": before}
 
-    group_size=G > 1: rows come in groups of G that share one prompt (GRPO); each prompt is run
-    once and its key/value cache repeated G times for the completions. Same numbers, same
-    gradients (they flow back through the repeated cache); less work when prompts are long."""
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    P, T = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-    if group_size > 1:
-        assert not hidden, "shared prompts return logits only"
-        prompt = model(input_ids=rollout.prompt_ids[::group_size], attention_mask=rollout.prompt_mask[::group_size],
-                       position_ids=position_ids[::group_size, :P], use_cache=True, logits_to_keep=1)
-        prompt.past_key_values.batch_repeat_interleave(group_size)  # [B/G, ...] -> [B, ...]
-        out = model(input_ids=rollout.completion_ids, attention_mask=attention_mask, position_ids=position_ids[:, P:],
-                    cache=prompt.past_key_values)
-        # The prompt's last position predicts the first completion token; the rest predict the others.
-        return torch.cat([prompt.logits.repeat_interleave(group_size, 0), out.logits[:, :-1]], 1)
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=T + 1, output_hidden_states=hidden)
-    logits = out.logits[:, :-1]  # [B, T, V]
-    if hidden:
-        return logits, out.hidden_states[-1][:, -T - 1 : -1]
-    return logits
+
+def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: bool = False):
+    """One forward pass over the packed batch (`pack`) -> logits [N, V] for its N real completion
+    tokens in row-major order (`unpack` puts per-token values back into [B, T]); with hidden=True
+    also the last hidden state [N, H] that predicts each of them, for a value head.
+
+    The LM head runs at those N positions only: none for prompts or padding (note 6). Same numbers
+    and gradients as separate sequences; a shared prompt is run once for its whole group."""
+    packed = pack(rollout, group_size)
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                attention_mask=packed["attention_mask"], output_hidden_states=True, logits_to_keep=1)
+    states = out.hidden_states[-1][0]  # [n, H], after the final norm
+    lm_head = getattr(model, "module", model).get_output_embeddings()  # the bare model under DDP
+    if not torch.allclose(lm_head(states[-1:]).float(), out.logits[0].float(), rtol=1e-3, atol=1e-3):
+        raise ValueError("this model's logits are not its LM head applied to the last hidden state "
+                         "(soft-capping or scaling?); forward_completion does not support it")
+    states = states[packed["before"]]  # [N, H]
+    return (lm_head(states), states) if hidden else lm_head(states)
+
+
+def unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [N, ...] of the real completion tokens (row-major) -> [B, T, ...], 0 where mask is 0."""
+    out = values.new_zeros(*mask.shape, *values.shape[1:])
+    out[mask.bool()] = values
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
-    """log π(ids) from logits [B, T, V] -> [B, T], in fp32; with entropy=True also H(π) [B, T].
+    """log π(ids) from logits [..., V] -> [...], in fp32; with entropy=True also H(π) [...].
 
-    log_softmax(x)[i] = x[i] - logsumexp(x): gather first, no [B, T, V] log-prob tensor (note 6)."""
+    log_softmax(x)[i] = x[i] - logsumexp(x): gather first, no [..., V] log-prob tensor (note 6)."""
     logits = logits.float() / temperature  # the distribution that was sampled from (note 2)
     lse = torch.logsumexp(logits, -1)
     logprobs = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
@@ -442,19 +497,20 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     return logprobs, ent
 
 
-@torch.no_grad()
-def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_size: int = 8, entropy: bool = False,
-                        group_size: int = 1):
-    """log π(completion tokens) [B, T] without a graph, `chunk_size` rows at a time, so that the
-    [rows, T, V] logits never exist for the whole batch at once (group_size: see forward_completion)."""
+def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_size: int | None = None,
+                        entropy: bool = False, group_size: int = 1):
+    """log π(completion tokens) [B, T], 0 after each completion's end (and H(π) [B, T] with entropy=True).
+
+    chunk_size rows (a multiple of group_size) per forward pass, so that the logits never exist for
+    a large batch at once. Builds a graph unless called under torch.no_grad()."""
     outs = []
-    for i in range(0, len(rollout.texts), chunk_size):
-        r = rollout_slice(rollout, slice(i, i + chunk_size))
-        logits = forward_completion(model, r, group_size=group_size)
-        outs.append(token_logprobs(logits, r.completion_ids, temperature, entropy))
+    for rows in torch.arange(len(rollout.texts)).split(chunk_size or len(rollout.texts)):
+        mb = rollout_slice(rollout, rows)
+        logits = forward_completion(model, mb, group_size)  # [N_chunk, V]
+        outs.append(token_logprobs(logits, mb.completion_ids[mb.completion_mask.bool()], temperature, entropy))
     if entropy:
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return torch.cat(outs)
+        return tuple(unpack(torch.cat(o), rollout.completion_mask) for o in zip(*outs))
+    return unpack(torch.cat(outs), rollout.completion_mask)
 
 
 def rollout_slice(r: Rollout, rows) -> Rollout:

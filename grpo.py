@@ -199,7 +199,7 @@ def main(args: Args) -> Path:
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
     run_name = args.run_name or f"grpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args) if rank == 0 else None
@@ -208,7 +208,7 @@ def main(args: Args) -> Path:
     # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
     G, n_prompts = args.group_size, args.prompts_per_step // world
     batch_size = n_prompts * G
-    # Minibatches made of whole groups run each prompt once (common.forward_completion).
+    # Minibatches made of whole groups run each prompt once (common.pack).
     shared = G if args.minibatch_size % G == 0 else 1
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -228,8 +228,8 @@ def main(args: Args) -> Path:
             picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
             rows = [train_rows[i] for i in picks for _ in range(G)]  # groups are contiguous
             with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
-                                          args.temperature, args.top_p)
+                rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
+                                          args.max_new_tokens, args.temperature, args.top_p, group_size=G)
             mask = rollout.completion_mask  # [B, T]
             gen_seconds = time.time() - t0
 
@@ -239,7 +239,7 @@ def main(args: Args) -> Path:
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
             t1 = time.time()
-            with common.autocast(device, args.dtype):
+            with torch.no_grad(), common.autocast(device, args.dtype):
                 ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
                                                            group_size=shared) if ref_model is not None else None)
                 old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
@@ -255,8 +255,8 @@ def main(args: Args) -> Path:
                 for rows_mb in torch.arange(batch_size).split(args.minibatch_size):
                     mb = common.rollout_slice(rollout, rows_mb)
                     with common.autocast(device, args.dtype):
-                        logits = common.forward_completion(train_model, mb, group_size=shared)
-                    logprobs, entropy = common.token_logprobs(logits, mb.completion_ids, args.temperature, entropy=True)
+                        logprobs, entropy = common.completion_logprobs(train_model, mb, args.temperature, entropy=True,
+                                                                       group_size=shared)  # [b, T] each
                     # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
                     old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
                     ref = None if ref_logprobs is None else ref_logprobs[rows_mb]

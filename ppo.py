@@ -194,9 +194,11 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
 
 def forward(model, value_head, rollout, temperature: float):
     """Policy log-probs, entropy and values for a rollout (slice) -> three [B, T] tensors."""
-    logits, hidden = common.forward_completion(model, rollout, hidden=True)
-    logprobs, entropy = common.token_logprobs(logits, rollout.completion_ids, temperature, entropy=True)
-    return logprobs, entropy, value_head(hidden.float()).squeeze(-1)
+    logits, hidden = common.forward_completion(model, rollout, hidden=True)  # [N, V], [N, H]: real tokens only
+    mask = rollout.completion_mask
+    logprobs, entropy = common.token_logprobs(logits, rollout.completion_ids[mask.bool()], temperature, entropy=True)
+    values = value_head(hidden.float()).squeeze(-1)
+    return common.unpack(logprobs, mask), common.unpack(entropy, mask), common.unpack(values, mask)
 
 
 def check_args(args: Args) -> None:
@@ -238,7 +240,7 @@ def main(args: Args) -> Path:
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     params = list(model.parameters()) + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
     run_name = args.run_name or f"ppo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args) if rank == 0 else None
@@ -283,8 +285,7 @@ def main(args: Args) -> Path:
                 for rows_mb in minibatches[0]:
                     mb = common.rollout_slice(rollout, rows_mb)
                     old_logprobs[rows_mb], _, old_values[rows_mb] = forward(model, value_head, mb, args.temperature)
-                    ref_logprobs[rows_mb] = common.token_logprobs(common.forward_completion(ref_model, mb),
-                                                                  mb.completion_ids, args.temperature)
+                    ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
 
             # --- 4. per-token rewards, GAE, whitening ---
             rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta)

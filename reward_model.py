@@ -151,7 +151,7 @@ def main(args: Args) -> Path:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     device = common.pick_device(args.device)
     model, tokenizer = common.load_model(args.model, device, kind="reward")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
     run_name = args.run_name or f"rm_{Path(args.data).stem if args.data else 'arithmetic'}_{args.seed}_{int(time.time())}"
     run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args)

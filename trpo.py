@@ -17,7 +17,7 @@ trained separately (a linear head on the policy's detached last hidden state, it
 or from group z-scores (as in grpo.py) with --advantage group.
 
 Implemented: all parameters or the top N layers under the trust region, a Fisher subsample, CG
-damping. Left out: a separate value network. The model is loaded with eager attention
+damping. Left out: a separate value network. The Fisher pass runs attention as plain operations
 (fused attention kernels have no double backward), and the policy math runs in fp32.
 
 Walkthrough: docs/walkthrough.md §3 (surrogate, KL constraint, CG, line search), §4 (GAE).
@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 import tyro
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
@@ -193,6 +194,12 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 # ----------------------------------------------------------------------------------------------
 
 
+def log_distributions(model, rollout, temperature: float) -> torch.Tensor:
+    """log π(· | context) at each completion position -> [B, T, V] fp32 (uniform after the mask's end)."""
+    logits = common.unpack(common.forward_completion(model, rollout), rollout.completion_mask)
+    return torch.log_softmax(logits.float() / temperature, -1)
+
+
 def transformer_layers(model) -> torch.nn.ModuleList:
     """The model's list of transformer blocks (model.model.layers, transformer.h, ...)."""
     n = model.config.get_text_config().num_hidden_layers
@@ -222,11 +229,11 @@ def main(args: Args) -> Path:
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
 
-    # --- set-up: processes, policy (eager attention for double backward), value head, reference, logging ---
+    # --- set-up: processes, policy, value head, reference, logging ---
     device = common.pick_device(args.device)
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, device, attn_implementation="eager")
+    model, tokenizer = common.load_model(args.model, device)
     if args.trust_region_layers is not None:
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
@@ -272,8 +279,8 @@ def main(args: Args) -> Path:
             picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
             rows = [train_rows[i] for i in picks for _ in range(G)]
             with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
-                                          args.temperature, args.top_p)
+                rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
+                                          args.max_new_tokens, args.temperature, args.top_p, group_size=G)
             mask = rollout.completion_mask  # [B, T]
             scores, parts = reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:
@@ -287,13 +294,13 @@ def main(args: Args) -> Path:
             with torch.no_grad():
                 for rows_mb in chunks:
                     mb = common.rollout_slice(rollout, rows_mb)
-                    logits, h = common.forward_completion(model, mb, hidden=True)
+                    logits, h = common.forward_completion(model, mb, hidden=True)  # [N, V], [N, H]: real tokens
+                    logits, h = common.unpack(logits, mb.completion_mask), common.unpack(h, mb.completion_mask)
                     old_log_dist.append(torch.log_softmax(logits.float() / args.temperature, -1))  # [b, T, V]
                     old_logprobs.append(old_log_dist[-1].gather(-1, mb.completion_ids[..., None]).squeeze(-1))
                     hidden.append(h.float())
                     if use_ref:
-                        ref_logits = common.forward_completion(ref_model, mb)
-                        ref_logprobs.append(common.token_logprobs(ref_logits, mb.completion_ids, args.temperature))
+                        ref_logprobs.append(common.completion_logprobs(ref_model, mb, args.temperature))
             old_logprobs, old_log_dist, hidden = torch.cat(old_logprobs), torch.cat(old_log_dist), torch.cat(hidden)
 
             # --- 3. advantages: GAE on the KL-penalised reward, or group z-scores ---
@@ -317,7 +324,7 @@ def main(args: Args) -> Path:
             model.zero_grad()
             for rows_mb in chunks:
                 mb = common.rollout_slice(rollout, rows_mb)
-                logprobs = common.token_logprobs(common.forward_completion(model, mb), mb.completion_ids, args.temperature)
+                logprobs = common.completion_logprobs(model, mb, args.temperature)
                 n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens: the chunks add up to L
                 (surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n).backward()
             g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
@@ -328,7 +335,8 @@ def main(args: Args) -> Path:
             t2 = time.time()
             fisher_rows = torch.randperm(B, generator=rng)[: max(1, math.ceil(args.fisher_fraction * B))]
             fb = common.rollout_slice(rollout, fisher_rows)
-            log_dist = torch.log_softmax(common.forward_completion(model, fb).float() / args.temperature, -1)
+            with sdpa_kernel(SDPBackend.MATH):  # attention made of plain ops: twice differentiable
+                log_dist = log_distributions(model, fb, args.temperature)
             kl_grad = torch.autograd.grad(mean_kl(old_log_dist[fisher_rows], log_dist, fb.completion_mask), params,
                                           create_graph=True)
             kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
@@ -351,7 +359,7 @@ def main(args: Args) -> Path:
                 surr, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
                 for rows_mb in chunks:
                     mb = common.rollout_slice(rollout, rows_mb)
-                    log_dist = torch.log_softmax(common.forward_completion(model, mb).float() / args.temperature, -1)
+                    log_dist = log_distributions(model, mb, args.temperature)
                     logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
                     n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens
                     surr += surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n

@@ -32,7 +32,7 @@ ddp_model = torch.nn.parallel.DistributedDataParallel(model)
 
 def gradient(m, rows, num_tokens, loss_type, group_size):
     mb = common.rollout_slice(rollout, rows)
-    logprobs = common.token_logprobs(common.forward_completion(m, mb, group_size=group_size), mb.completion_ids)
+    logprobs = common.completion_logprobs(m, mb, 1.0, group_size=group_size)
     loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), ref_logprobs[rows], advantages[rows], mb.completion_mask,
                              0.04, 0.2, 0.2, loss_type, 6, num_rows=len(rows), num_tokens=num_tokens)
     model.zero_grad()

@@ -137,20 +137,78 @@ def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tm
         assert torch.equal(model(ids).logits, gguf_model(ids).logits)
 
 
+def padded_logprobs(model, rollout, temperature):
+    """The plain way: the whole padded batch through the model, log-softmax at completion positions."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    T = rollout.completion_ids.shape[1]
+    logp = torch.log_softmax(logits[:, -T - 1 : -1] / temperature, -1)  # position t predicts token t+1
+    return logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1) * rollout.completion_mask
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_shared_prompt_scoring_gives_the_same_logprobs_and_gradients(arch):
+def test_packed_scoring_gives_the_padded_batch_logprobs_and_gradients(arch):
+    """Packing (each shared prompt once, no padding, LM head on real tokens only) changes no number."""
     model, tokenizer = tiny_model(arch)
     model.eval()
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    rollout = common.generate(model, tokenizer, [p for p in ["hi", "a longer prompt", "xyz"] for _ in range(4)], 8)
-    mask, weights = rollout.completion_mask.bool(), torch.randn(12, 1)
-    grads = []
-    for group_size in (1, 4):
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(30)]  # some completions end early
+    torch.manual_seed(0)
+    rollout = common.generate(model, tokenizer, ["hi", "a longer prompt", "xyz"], 8, group_size=4)
+    assert rollout.completion_mask.float().mean() < 1, "the test needs completions of different lengths"
+    weights = torch.randn(12, 1)
+    results = []
+    for compute in (lambda: padded_logprobs(model, rollout, 0.7),
+                    lambda: common.completion_logprobs(model, rollout, 0.7),
+                    lambda: common.completion_logprobs(model, rollout, 0.7, chunk_size=4, group_size=4)):
         model.zero_grad()
-        logprobs = common.token_logprobs(common.forward_completion(model, rollout, group_size=group_size),
-                                         rollout.completion_ids)
-        (torch.where(mask, logprobs, 0.0) * weights).sum().backward()
-        grads.append((logprobs.detach()[mask], torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
-    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
-    assert ((grads[1][1] - grads[0][1]).norm() / grads[0][1].norm()).item() < 1e-5
+        logprobs = compute()
+        (logprobs * weights).sum().backward()
+        results.append((logprobs.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    for logprobs, grad in results[1:]:
+        torch.testing.assert_close(logprobs, results[0][0], atol=1e-5, rtol=0)
+        assert ((grad - results[0][1]).norm() / results[0][1].norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_matches_transformers_generate_while_rows_end_and_leave(arch):
+    """Greedy: the hand-written loop (prompt run once per group, ended rows dropped) = model.generate."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny_model(arch)
+    model.eval()
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    with torch.no_grad():  # sharper logits: otherwise a random tiny model repeats one token
+        for p in model.parameters():
+            p.mul_(8)
+    prompts = ["hi", "a longer prompt", "xyz", "q"]
+    first = common.generate(model, tokenizer, prompts, 10, greedy=True, group_size=2).completion_ids
+    # Two tokens it produces become end tokens too, so that rows end (and leave) at different steps.
+    eos = [tokenizer.eos_token_id, first[0, 2].item(), first[4, 6].item()]
+    model.generation_config.eos_token_id = eos
+    ours = common.generate(model, tokenizer, prompts, 10, greedy=True, group_size=2)
+    enc = tokenizer([common.format_prompt(tokenizer, p) for p in prompts for _ in range(2)], return_tensors="pt",
+                    padding=True, add_special_tokens=False)
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    theirs = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
+    lengths = ours.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "the test needs rows that end at different steps"
+    assert torch.equal(ours.prompt_ids, enc["input_ids"])
+    for row, n in enumerate(lengths.tolist()):
+        assert ours.completion_ids[row, :n].tolist() == theirs[row, :n].tolist()
+
+
+def test_sample_draws_from_the_top_p_nucleus_in_proportion():
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20000, 4)
+    counts = torch.bincount(common.sample(logits, top_p=0.7), minlength=4) / 20000
+    # The nucleus is {0, 1} (0.5 < 0.7 ≤ 0.8), renormalised: 0.625, 0.375.
+    torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
+    counts = torch.bincount(common.sample(logits, temperature=0.5), minlength=4) / 20000
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    torch.testing.assert_close(counts, expected / expected.sum(), atol=0.015, rtol=0)
+    assert torch.equal(common.sample(logits[:3], greedy=True), torch.zeros(3, dtype=torch.long))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector
 
 import common
@@ -28,7 +29,6 @@ def test_fisher_vector_product_equals_the_explicit_fisher_times_a_vector():
     torch.manual_seed(0)
     model, tokenizer = tiny_model("llama")
     model.eval().requires_grad_(False)
-    model.config._attn_implementation = "eager"
     params = [model.model.norm.weight, model.model.layers[-1].mlp.down_proj.weight]  # 32 + 2048 parameters
     for p in params:
         p.requires_grad_(True)
@@ -36,8 +36,9 @@ def test_fisher_vector_product_equals_the_explicit_fisher_times_a_vector():
     rollout = common.generate(model, tokenizer, ["hi", "hello there"], max_new_tokens=4)
     mask = rollout.completion_mask
 
-    def log_dist():
-        return torch.log_softmax(common.forward_completion(model, rollout).double() / 0.9, -1)  # [B, T, V]
+    def log_dist():  # [B, T, V], attention as plain ops (twice differentiable), as in trpo.main
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.log_softmax(common.unpack(common.forward_completion(model, rollout), mask).double() / 0.9, -1)
 
     old = log_dist().detach()
     kl_grad = torch.autograd.grad(trpo.mean_kl(old, log_dist(), mask), params, create_graph=True)
