@@ -69,7 +69,8 @@ def run_one(method: str, argv: list[str], out: Path) -> dict:
     peak_kb = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "runs" / method))
+    run_dir = out / "runs" / method  # this run's own event file: an earlier run may have left one beside it
+    events = EventAccumulator(str(max(run_dir.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} | {
         "peak_gb": peak_kb * 1024 / 1e9}
