@@ -5,8 +5,10 @@ Nothing here is specific to one algorithm. In reading order:
 1. Models and tokenizers: the embedded SmolLM2-135M-Instruct, hub ids and local folders.
 2. Tasks and rewards: the built-in `arithmetic` and `letter` tasks, prompts from a JSONL file, rule
    rewards, and a scorer for a saved reward model.
-3. Rollouts: batched sampling, the completion mask (by position, up to and including the first EOS).
-4. Log-probabilities: one forward pass over prompt + completion, logits only where they are needed.
+3. Rollouts: batched sampling (each prompt run once per group, rows leave at EOS), the completion
+   mask (by position, up to and including the first EOS).
+4. Log-probabilities: one forward pass over the batch packed into its real tokens, logits only
+   where a completion token is predicted.
 5. Logging and checkpoints: TensorBoard, samples, atomic `save_pretrained`.
 
 The details that make RL on language models work are referred to as "note N" in the comments:

@@ -334,11 +334,15 @@ def main(args: Args) -> Path:
             # --- 5. natural-gradient direction by CG on Fisher-vector products (a subsample) ---
             t2 = time.time()
             fisher_rows = torch.randperm(B, generator=rng)[: max(1, math.ceil(args.fisher_fraction * B))]
-            fb = common.rollout_slice(rollout, fisher_rows)
-            with sdpa_kernel(SDPBackend.MATH):  # attention made of plain ops: twice differentiable
-                log_dist = log_distributions(model, fb, args.temperature)
-            kl_grad = torch.autograd.grad(mean_kl(old_log_dist[fisher_rows], log_dist, fb.completion_mask), params,
-                                          create_graph=True)
+            # KL̄ over the subsample, 4 rows per pass: attention made of plain ops (twice differentiable)
+            # costs the square of a packed pass's length, so short passes are faster.
+            fisher_kl, n_fisher = 0.0, mask[fisher_rows].sum()
+            for rows_mb in fisher_rows.split(4):
+                with sdpa_kernel(SDPBackend.MATH):
+                    log_dist = log_distributions(model, common.rollout_slice(rollout, rows_mb), args.temperature)
+                share = mask[rows_mb].sum() / n_fisher  # this pass's share of the subsample's real tokens
+                fisher_kl = fisher_kl + mean_kl(old_log_dist[rows_mb], log_dist, mask[rows_mb]) * share
+            kl_grad = torch.autograd.grad(fisher_kl, params, create_graph=True)
             kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
 
             def Fvp(v):  # (F + damping·I) v, averaged over processes
@@ -348,7 +352,7 @@ def main(args: Args) -> Path:
             xFx = (x @ Fvp(x)).clamp(min=1e-12)
             full_step = torch.sqrt(2 * args.max_kl / xFx) * x  # s = √(2δ / xᵀFx) · x
             expected_improvement = (g @ full_step).item()
-            kl_grad = log_dist = None  # free the double-backward graph before the line search
+            kl_grad = fisher_kl = log_dist = None  # free the double-backward graph before the line search
             cg_seconds = time.time() - t2
 
             # --- 6. backtracking line search: KL̄ ≤ δ and L improved, else keep θ_old ---
