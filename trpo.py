@@ -194,10 +194,10 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 # ----------------------------------------------------------------------------------------------
 
 
-def log_distributions(model, rollout, temperature: float) -> torch.Tensor:
-    """log π(· | context) at each completion position -> [B, T, V] fp32 (uniform after the mask's end)."""
-    logits = common.unpack(common.forward_completion(model, rollout), rollout.completion_mask)
-    return torch.log_softmax(logits.float() / temperature, -1)
+def log_distributions(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(· | context) from the packed logits [N, V] of common.forward_completion -> [B, T, V] fp32
+    (uniform after the mask's end)."""
+    return torch.log_softmax(common.unpack(logits, mask).float() / temperature, -1)
 
 
 def transformer_layers(model) -> torch.nn.ModuleList:
@@ -295,10 +295,9 @@ def main(args: Args) -> Path:
                 for rows_mb in chunks:
                     mb = common.rollout_slice(rollout, rows_mb)
                     logits, h = common.forward_completion(model, mb, hidden=True)  # [N, V], [N, H]: real tokens
-                    logits, h = common.unpack(logits, mb.completion_mask), common.unpack(h, mb.completion_mask)
-                    old_log_dist.append(torch.log_softmax(logits.float() / args.temperature, -1))  # [b, T, V]
+                    old_log_dist.append(log_distributions(logits, mb.completion_mask, args.temperature))  # [b, T, V]
                     old_logprobs.append(old_log_dist[-1].gather(-1, mb.completion_ids[..., None]).squeeze(-1))
-                    hidden.append(h.float())
+                    hidden.append(common.unpack(h, mb.completion_mask).float())
                     if use_ref:
                         ref_logprobs.append(common.completion_logprobs(ref_model, mb, args.temperature))
             old_logprobs, old_log_dist, hidden = torch.cat(old_logprobs), torch.cat(old_log_dist), torch.cat(hidden)
@@ -338,8 +337,10 @@ def main(args: Args) -> Path:
             # costs the square of a packed pass's length, so short passes are faster.
             fisher_kl, n_fisher = 0.0, mask[fisher_rows].sum()
             for rows_mb in fisher_rows.split(4):
+                fb = common.rollout_slice(rollout, rows_mb)
                 with sdpa_kernel(SDPBackend.MATH):
-                    log_dist = log_distributions(model, common.rollout_slice(rollout, rows_mb), args.temperature)
+                    logits = common.forward_completion(model, fb)  # [N, V]
+                log_dist = log_distributions(logits, fb.completion_mask, args.temperature)
                 share = mask[rows_mb].sum() / n_fisher  # this pass's share of the subsample's real tokens
                 fisher_kl = fisher_kl + mean_kl(old_log_dist[rows_mb], log_dist, mask[rows_mb]) * share
             kl_grad = torch.autograd.grad(fisher_kl, params, create_graph=True)
@@ -352,7 +353,7 @@ def main(args: Args) -> Path:
             xFx = (x @ Fvp(x)).clamp(min=1e-12)
             full_step = torch.sqrt(2 * args.max_kl / xFx) * x  # s = √(2δ / xᵀFx) · x
             expected_improvement = (g @ full_step).item()
-            kl_grad = fisher_kl = log_dist = None  # free the double-backward graph before the line search
+            kl_grad = fisher_kl = log_dist = logits = None  # free the double-backward graph
             cg_seconds = time.time() - t2
 
             # --- 6. backtracking line search: KL̄ ≤ δ and L improved, else keep θ_old ---
@@ -363,7 +364,8 @@ def main(args: Args) -> Path:
                 surr, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
                 for rows_mb in chunks:
                     mb = common.rollout_slice(rollout, rows_mb)
-                    log_dist = log_distributions(model, mb, args.temperature)
+                    logits = common.forward_completion(model, mb)  # [N, V]
+                    log_dist = log_distributions(logits, mb.completion_mask, args.temperature)
                     logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
                     n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens
                     surr += surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n
