@@ -12,14 +12,12 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402
 import grpo  # noqa: E402
-from tiny import tiny_model  # noqa: E402
+from tiny import tiny_policy  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-model, tokenizer = tiny_model("llama")
-model.eval()
-tokenizer.padding_side = "left"
+model, tokenizer = tiny_policy("llama")
 rollout = common.generate(model, tokenizer, ["a", "a", "bb", "bb", "ccc", "ccc", "dddd", "dddd"], max_new_tokens=6)
 for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask):
     dist.broadcast(t, 0)  # the same fixed batch everywhere

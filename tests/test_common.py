@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import common
-from tiny import tiny_model
+from tiny import tiny_model, tiny_policy
 
 
 def test_completion_mask_keeps_eos_when_pad_equals_eos():
@@ -17,9 +17,7 @@ def test_completion_mask_keeps_eos_when_pad_equals_eos():
 
 
 def test_logprobs_of_left_padded_batch_equal_each_sequence_alone():
-    model, tokenizer = tiny_model("llama")
-    model.eval()
-    tokenizer.padding_side = "left"
+    model, tokenizer = tiny_policy("llama")
     prompts = ["hi", "a much longer prompt here"]
     rollout = common.generate(model, tokenizer, prompts, max_new_tokens=6)
     batched = common.completion_logprobs(model, rollout, temperature=0.7)
@@ -151,10 +149,7 @@ def padded_logprobs(model, rollout, temperature):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_scoring_gives_the_padded_batch_logprobs_and_gradients(arch):
     """Packing (each shared prompt once, no padding, LM head on real tokens only) changes no number."""
-    model, tokenizer = tiny_model(arch)
-    model.eval()
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model, tokenizer = tiny_policy(arch)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(30)]  # some completions end early
     torch.manual_seed(0)
     rollout = common.generate(model, tokenizer, ["hi", "a longer prompt", "xyz"], 8, group_size=4)
@@ -178,10 +173,7 @@ def test_generate_matches_transformers_generate_while_rows_end_and_leave(arch):
     """Greedy: the hand-written loop (prompt run once per group, ended rows dropped) = model.generate."""
     from transformers import GenerationConfig
 
-    model, tokenizer = tiny_model(arch)
-    model.eval()
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model, tokenizer = tiny_policy(arch)
     with torch.no_grad():  # sharper logits: otherwise a random tiny model repeats one token
         for p in model.parameters():
             p.mul_(8)

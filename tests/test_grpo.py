@@ -9,7 +9,7 @@ import torch
 
 import common
 import grpo
-from tiny import tiny_model
+from tiny import tiny_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,7 @@ def test_minibatch_losses_add_up_to_the_batch_loss(loss_type):
 
 def test_ratio_is_exactly_one_on_the_first_pass():
     """The old log-probs (no-grad pass) and the first training pass go through the same computation."""
-    model, tokenizer = tiny_model("gpt2")
-    model.eval()
-    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    model, tokenizer = tiny_policy("gpt2")
     rollout = common.generate(model, tokenizer, ["one", "two two", "three", "four"] * 2, max_new_tokens=8)
     with torch.no_grad():
         old_logprobs = common.completion_logprobs(model, rollout, temperature=0.9, chunk_size=4)

@@ -4,7 +4,7 @@ import torch
 import common
 import ppo
 from test_grpo import run_script, scalars
-from tiny import tiny_model
+from tiny import tiny_policy
 
 
 def reference_gae(rewards, values, mask, gamma, lam):
@@ -67,9 +67,7 @@ def test_value_loss_clips_around_the_old_value():
 
 def test_ratio_is_one_and_nothing_clipped_on_the_first_minibatch():
     """The loop's order: old log-probs in the first epoch's minibatches, then the first update."""
-    model, tokenizer = tiny_model("llama")
-    model.eval()
-    tokenizer.padding_side = "left"
+    model, tokenizer = tiny_policy("llama")
     value_head = torch.nn.Linear(32, 1)
     rollout = common.generate(model, tokenizer, ["a", "bb", "ccc", "dddd", "e", "ff"], max_new_tokens=8)
     minibatches = torch.randperm(6).split(3)

@@ -6,7 +6,7 @@ from torch.nn.utils import parameters_to_vector
 import common
 import trpo
 from test_grpo import run_script, scalars
-from tiny import tiny_model
+from tiny import tiny_policy
 
 
 def test_conjugate_gradient_solves_a_random_spd_system():
@@ -27,12 +27,11 @@ def test_conjugate_gradient_of_zero_is_zero():
 def test_fisher_vector_product_equals_the_explicit_fisher_times_a_vector():
     """F = mean_t Σ_v π(v) ∇log π(v) ∇log π(v)ᵀ, built from per-token Jacobians, vs double backward of KL̄."""
     torch.manual_seed(0)
-    model, tokenizer = tiny_model("llama")
-    model.eval().requires_grad_(False)
+    model, tokenizer = tiny_policy("llama")
+    model.requires_grad_(False)
     params = [model.model.norm.weight, model.model.layers[-1].mlp.down_proj.weight]  # 32 + 2048 parameters
     for p in params:
         p.requires_grad_(True)
-    tokenizer.padding_side = "left"
     rollout = common.generate(model, tokenizer, ["hi", "hello there"], max_new_tokens=4)
     mask = rollout.completion_mask
 

@@ -60,6 +60,14 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
     return model, tokenizer
 
 
+def tiny_policy(arch: str = "gpt2", seed: int = 0):
+    """tiny_model set up as common.load_model sets up a policy: dropout off, left padding, a pad token."""
+    model, tokenizer = tiny_model(arch, seed)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
 def save_tiny_model(folder: Path, arch: str = "gpt2", seed: int = 0) -> str:
     model, tokenizer = tiny_model(arch, seed)
     model.save_pretrained(folder)
