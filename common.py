@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -531,6 +532,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # 5. Logging and checkpoints
+
+
+def run_folder(output_dir: str, run_name: str | None, default_name: str) -> Path:
+    """output_dir/run_name (default: default_name plus the time); fails early when an earlier run
+    left files there, whose checkpoint this run would overwrite. Only rank 0, the writer, checks."""
+    run_dir = Path(output_dir) / (run_name or f"{default_name}_{int(time.time())}")
+    if os.environ.get("RANK", "0") == "0" and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise SystemExit(f"{run_dir} holds an earlier run; pass another --run-name, or delete that folder")
+    return run_dir
 
 
 def make_writer(run_dir: Path, args) -> SummaryWriter:

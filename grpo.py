@@ -185,6 +185,8 @@ def main(args: Args) -> Path:
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
+    prompts_name = args.task if args.data is None else Path(args.data).stem
+    run_dir = common.run_folder(args.output_dir, args.run_name, f"grpo_{prompts_name}_{args.seed}")
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
     # --- set-up: processes, seed, models, optimizer, logging (rank 0 only) ---
@@ -200,8 +202,6 @@ def main(args: Args) -> Path:
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
-    run_name = args.run_name or f"grpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
-    run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args) if rank == 0 else None
     if rank == 0:
         print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")

@@ -143,6 +143,8 @@ def main(args: Args) -> Path:
     if len(pairs) < 2:
         raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
     common.check_model_name(args.model)
+    pairs_name = Path(args.data).stem if args.data else "arithmetic"
+    run_dir = common.run_folder(args.output_dir, args.run_name, f"rm_{pairs_name}_{args.seed}")
 
     # --- set-up ---
     common.set_seed(args.seed)
@@ -152,8 +154,6 @@ def main(args: Args) -> Path:
     device = common.pick_device(args.device)
     model, tokenizer = common.load_model(args.model, device, kind="reward")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
-    run_name = args.run_name or f"rm_{Path(args.data).stem if args.data else 'arithmetic'}_{args.seed}_{int(time.time())}"
-    run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args)
     print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out")
 

@@ -228,6 +228,8 @@ def main(args: Args) -> Path:
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
+    prompts_name = args.task if args.data is None else Path(args.data).stem
+    run_dir = common.run_folder(args.output_dir, args.run_name, f"trpo_{prompts_name}_{args.seed}")
 
     # --- set-up: processes, policy, value head, reference, logging ---
     device = common.pick_device(args.device)
@@ -250,8 +252,6 @@ def main(args: Args) -> Path:
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
-    run_name = args.run_name or f"trpo_{args.task if args.data is None else Path(args.data).stem}_{args.seed}_{int(time.time())}"
-    run_dir = Path(args.output_dir) / run_name
     writer = common.make_writer(run_dir, args) if rank == 0 else None
     if rank == 0:
         print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")

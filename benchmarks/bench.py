@@ -38,8 +38,7 @@ def main() -> None:
     wall = time.time() - start
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
-    # This run's own event file: an earlier run under the same --run-name left its own beside it.
-    events = EventAccumulator(str(max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime)))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     peak_gb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()

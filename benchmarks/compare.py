@@ -14,6 +14,7 @@ against completions sampled).
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,8 +70,7 @@ def run_one(method: str, argv: list[str], out: Path) -> dict:
     peak_kb = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = out / "runs" / method  # this run's own event file: an earlier run may have left one beside it
-    events = EventAccumulator(str(max(run_dir.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)))
+    events = EventAccumulator(str(out / "runs" / method))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} | {
         "peak_gb": peak_kb * 1024 / 1e9}
@@ -83,6 +83,7 @@ def main(args: Args) -> None:
     results = {}
     for method in args.methods:
         print(f"running {method} ...", flush=True)
+        shutil.rmtree(out / "runs" / method, ignore_errors=True)  # a re-run replaces the last one
         results[method] = run_one(method, method_args(method, budget, args.seed, out), out)
 
     # --- per-step CSV and a summary ---

@@ -16,6 +16,7 @@ GPT2LMHeadModel(config).save_pretrained("benchmarks/out/gpt2-random")
 tokenizer.save_pretrained("benchmarks/out/gpt2-random")
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+rm -rf benchmarks/out/runs/gpu  # a re-run replaces the last one
 python benchmarks/bench.py grpo --model benchmarks/out/gpt2-random --task letter --steps 10 --prompts-per-step 16 \
   --group-size 8 --max-new-tokens 128 --minibatch-size 32 --device cuda --dtype auto --eval-prompts 0 \
   --save-interval 100000 --output-dir benchmarks/out/runs --run-name gpu "$@"

@@ -182,3 +182,14 @@ def test_bad_input_fails_early_and_writes_nothing(argv, message, tmp_path):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_a_second_run_under_the_same_name_fails_early_and_keeps_the_first(tmp_path):
+    first = tmp_path / "runs" / "mine"
+    (first / "checkpoint").mkdir(parents=True)
+    (first / "checkpoint" / "config.json").write_text("{}")
+    result = run_script("grpo.py", "--run-name", "mine", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "holds an earlier run; pass another --run-name" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in first.rglob("*")) == ["checkpoint", "config.json"]
