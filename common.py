@@ -30,9 +30,11 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -63,16 +65,35 @@ def check_model_name(name: str) -> str:
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {name}: no config.json there; pass a folder written by save_pretrained")
         return str(path)
-    from transformers import AutoConfig  # a hub id: fetch only its small config now
+    from huggingface_hub import snapshot_download
+    from transformers import AutoConfig
 
+    offline = hub_unreachable()
     try:
-        AutoConfig.from_pretrained(name)
-    except Exception as e:  # offline, unknown id, private repo, ...
+        if offline:  # a copy in the local hub cache, or fail now
+            return snapshot_download(name, local_files_only=True)
+        AutoConfig.from_pretrained(name)  # a hub id: fetch only its small config now
+    except Exception as e:  # offline and not cached, unknown id, private repo, ...
+        why = "the hub cannot be reached from here and no copy is cached" if offline else type(e).__name__
         raise SystemExit(
-            f"--model {name}: not a local folder and not loadable from the Hugging Face hub ({type(e).__name__}). "
+            f"--model {name}: not a local folder and not loadable from the Hugging Face hub ({why}). "
             f"Pass a local model folder, or use the embedded default (--model {EMBEDDED_MODEL})."
         ) from None
     return name
+
+
+def hub_unreachable() -> bool:
+    """True when the hub's host name does not resolve and no proxy is set: no download can work,
+    and huggingface_hub would retry for ~25 s before saying so."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return True
+    return False
 
 
 def embedded_model_folder() -> str:

