@@ -311,6 +311,7 @@ def main(args: Args) -> Path:
                     optimizer.zero_grad()
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    common.check_finite(grad_norm, "the gradient norm")
                     optimizer.step()
                     stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
                                   "value/clipfrac": vf_stats["clipfrac"], "policy/entropy": common.masked_mean(
