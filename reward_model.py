@@ -183,6 +183,7 @@ def main(args: Args) -> Path:
             optimizer.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            common.check_finite(grad_norm, "the gradient norm")
             optimizer.step()
 
             # --- logging ---
