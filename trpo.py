@@ -341,8 +341,8 @@ def main(args: Args) -> Path:
                 with sdpa_kernel(SDPBackend.MATH):
                     logits = common.forward_completion(model, fb)  # [N, V]
                 log_dist = log_distributions(logits, fb.completion_mask, args.temperature)
-                share = mask[rows_mb].sum() / n_fisher  # this pass's share of the subsample's real tokens
-                fisher_kl = fisher_kl + mean_kl(old_log_dist[rows_mb], log_dist, mask[rows_mb]) * share
+                share = fb.completion_mask.sum() / n_fisher  # this pass's share of the subsample's real tokens
+                fisher_kl = fisher_kl + mean_kl(old_log_dist[rows_mb], log_dist, fb.completion_mask) * share
             kl_grad = torch.autograd.grad(fisher_kl, params, create_graph=True)
             kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
 
