@@ -501,7 +501,12 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
         raise ValueError("this model's logits are not its LM head applied to the last hidden state "
                          "(soft-capping or scaling?); forward_completion does not support it")
     states = states[packed["before"]]  # [N, H]
-    return (lm_head(states), states) if hidden else lm_head(states)
+    # (W @ statesᵀ)ᵀ, not lm_head(states): same logits, but W's gradient comes out as a fresh tensor,
+    # which autograd can add a tied input embedding's gradient into in place (one V×H buffer fewer).
+    logits = (lm_head.weight @ states.T).T  # [N, V]
+    if lm_head.bias is not None:
+        logits = logits + lm_head.bias
+    return (logits, states) if hidden else logits
 
 
 def unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
