@@ -25,5 +25,5 @@ gen, upd = float(ours["time/generation_s (median)"]), float(ours["time/update_s 
 peak = float(ours["peak_memory_gb"])
 print(f"TRL GRPOTrainer: {trl['trl_step_s']:.2f} s/step, peak {trl['trl_peak_gb']:.2f} GB")
 print(f"grpo.py:         {gen + upd:.2f} s/step (generation {gen:.2f}, update {upd:.2f}), peak {peak:.2f} GB")
-print(f"ratio (grpo.py / TRL): time {(gen + upd) / trl['trl_step_s']:.2f}, peak memory {peak / trl['trl_peak_gb']:.2f}")
+print(f"ratio (grpo.py / TRL): time {(gen + upd) / trl['trl_step_s']:.2f}, peak memory {peak / trl['trl_peak_gb']:.3f}")
 PY
