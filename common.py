@@ -516,18 +516,41 @@ def unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
-    """log π(ids) from logits [..., V] -> [...], in fp32; with entropy=True also H(π) [...].
+class TokenLogprobs(torch.autograd.Function):
+    """log π(ids) = log softmax(x)[ids] for x = logits / temperature [..., V] -> [...], in fp32; also
+    the entropy H(π) [...] when asked (no gradient), else None.
 
-    log_softmax(x)[i] = x[i] - logsumexp(x): gather first, no [..., V] log-prob tensor (note 6)."""
-    logits = logits.float() / temperature  # the distribution that was sampled from (note 2)
-    lse = torch.logsumexp(logits, -1)
-    logprobs = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
-    if not entropy:
-        return logprobs
-    with torch.no_grad():  # H = logsumexp(x) - Σ softmax(x)·x
-        ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logprobs, ent
+    log softmax(x)[i] = x[i] - logsumexp(x), and its gradient, (onehot(i) - softmax(x)) / temperature,
+    is written by hand into one [..., V] buffer: autograd through the division, gather and logsumexp
+    would hold three or four at once, at the moment memory peaks (note 6). First derivatives only:
+    trpo.py's Fisher-vector products differentiate twice through the logits, not through this."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature: float, entropy: bool):
+        x = logits.float() / temperature  # the distribution that was sampled from (note 2)
+        lse = torch.logsumexp(x, -1)
+        ctx.save_for_backward(x, ids, lse)
+        ctx.temperature = temperature
+        logprobs = x.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        if not entropy:
+            return logprobs, None
+        ent = lse - (x - lse.unsqueeze(-1)).exp_().mul_(x).sum(-1)  # H = logsumexp(x) - Σ softmax(x)·x
+        ctx.mark_non_differentiable(ent)
+        return logprobs, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
+        x, ids, lse = ctx.saved_tensors
+        d = (x - lse.unsqueeze(-1)).exp_().neg_()  # -softmax(x)
+        d.scatter_add_(-1, ids.unsqueeze(-1), torch.ones_like(d[..., :1]))  # + onehot(ids)
+        return d.mul_(grad.unsqueeze(-1) / ctx.temperature), None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, entropy: bool = False):
+    """log π(ids) from logits [..., V] -> [...] (`TokenLogprobs`); with entropy=True also H(π) [...]."""
+    logprobs, ent = TokenLogprobs.apply(logits, ids, temperature, entropy)
+    return (logprobs, ent) if entropy else logprobs
 
 
 def completion_logprobs(model, rollout: Rollout, temperature: float, chunk_size: int | None = None,

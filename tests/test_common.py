@@ -30,13 +30,19 @@ def test_logprobs_of_left_padded_batch_equal_each_sequence_alone():
         torch.testing.assert_close(batched[i][m], single[0][m], atol=1e-5, rtol=0)
 
 
-def test_token_logprobs_match_log_softmax_and_entropy():
-    logits = torch.randn(2, 3, 11)
-    ids = torch.randint(11, (2, 3))
+def test_token_logprobs_match_log_softmax_and_entropy_in_value_and_gradient():
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    ids = torch.tensor([[0, 5, 5], [10, 2, 0]])  # a repeated id and both ends of the vocabulary
+    upstream = torch.randn(2, 3)
     logprobs, entropy = common.token_logprobs(logits, ids, temperature=2.0, entropy=True)
+    (grad,) = torch.autograd.grad((logprobs * upstream).sum(), logits)  # the hand-written backward
     logp = torch.log_softmax(logits / 2.0, -1)
-    torch.testing.assert_close(logprobs, logp.gather(-1, ids[..., None]).squeeze(-1))
+    expected = logp.gather(-1, ids[..., None]).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), logits)  # autograd's
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(grad, expected_grad)
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
+    assert not entropy.requires_grad
 
 
 def test_masked_mean_ignores_nan_at_padded_positions():
