@@ -497,16 +497,19 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
                 attention_mask=packed["attention_mask"], output_hidden_states=True, logits_to_keep=1)
     states = out.hidden_states[-1][0]  # [n, H], after the final norm
     lm_head = getattr(model, "module", model).get_output_embeddings()  # the bare model under DDP
-    if not torch.allclose(lm_head(states[-1:]).float(), out.logits[0].float(), rtol=1e-3, atol=1e-3):
+
+    def head(h):
+        """[n, H] -> [n, V] as (W @ hᵀ)ᵀ, not lm_head(h): the same logits, but W's gradient comes out
+        as a fresh tensor, which autograd adds a tied input embedding's gradient into in place (one
+        V×H buffer fewer)."""
+        logits = (lm_head.weight @ h.T).T
+        return logits if lm_head.bias is None else logits + lm_head.bias
+
+    if not torch.allclose(head(states[-1:]).float(), out.logits[0].float(), rtol=1e-3, atol=1e-3):
         raise ValueError("this model's logits are not its LM head applied to the last hidden state "
                          "(soft-capping or scaling?); forward_completion does not support it")
     states = states[packed["before"]]  # [N, H]
-    # (W @ statesᵀ)ᵀ, not lm_head(states): same logits, but W's gradient comes out as a fresh tensor,
-    # which autograd can add a tied input embedding's gradient into in place (one V×H buffer fewer).
-    logits = (lm_head.weight @ states.T).T  # [N, V]
-    if lm_head.bias is not None:
-        logits = logits + lm_head.bias
-    return (logits, states) if hidden else logits
+    return (head(states), states) if hidden else head(states)
 
 
 def unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

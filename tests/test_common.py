@@ -45,6 +45,16 @@ def test_token_logprobs_match_log_softmax_and_entropy_in_value_and_gradient():
     assert not entropy.requires_grad
 
 
+def test_a_model_whose_logits_are_not_its_lm_head_is_refused():
+    model, tokenizer = tiny_policy("llama")
+    rollout = common.generate(model, tokenizer, ["hi"], 4, group_size=2)
+    common.forward_completion(model, rollout, group_size=2)  # as built: accepted
+    lm_forward = model.lm_head.forward
+    model.lm_head.forward = lambda h: torch.tanh(lm_forward(h))  # soft-capping (Gemma 2 caps at 30)
+    with pytest.raises(ValueError, match="not its LM head"):
+        common.forward_completion(model, rollout, group_size=2)
+
+
 def test_masked_mean_ignores_nan_at_padded_positions():
     x = torch.tensor([[1.0, 3.0, float("nan")]])
     assert common.masked_mean(x, torch.tensor([[1, 1, 0]])).item() == 2.0
