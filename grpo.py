@@ -17,6 +17,7 @@ Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo
 Several processes: `torchrun --nproc-per-node N grpo.py ...` (DDP; README, "Several processes").
 """
 
+import contextlib
 import copy
 import functools
 import time
@@ -119,9 +120,9 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta: float, epsilon: float,
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, beta: float, epsilon: float,
               epsilon_high: float, loss_type: str, max_new_tokens: int, num_rows: int | None = None,
-              num_tokens: int | None = None):
+              num_tokens=None):
     """The negated GRPO objective over a batch -> (loss, stats).
 
     logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B]. ref_logprobs may be None
@@ -131,30 +132,32 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta: floa
       dapo:    (1/Σ_i |o_i|) Σ_i Σ_t l_it
     N and Σ|o_i| default to this batch's; pass the whole batch's (num_rows, num_tokens) when it is
     split into minibatches, so that the minibatch losses add up to the whole batch's loss."""
-    mask = mask.to(logprobs.dtype)
+    real = mask.bool()
+    n_real = real.sum().clamp(min=1)
     num_rows = num_rows or mask.shape[0]
-    num_tokens = num_tokens or mask.sum()
+    num_tokens = num_tokens or n_real
     ratio = torch.exp(logprobs - old_logprobs)  # ρ_it
     A = advantages[:, None]
     per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
     stats = {}
     if beta != 0:
-        kl = k3_kl(logprobs, ref_logprobs)
+        log_ratio = ref_logprobs - logprobs  # k3: π_ref/π_θ - log(π_ref/π_θ) - 1 (k3_kl above)
+        kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * kl
-        stats["kl"] = common.masked_mean(kl, mask).detach()
-    per_token = torch.where(mask.bool(), per_token, 0.0)
+        stats["kl"] = torch.where(real, kl, 0.0).sum().detach() / n_real
+    per_token = torch.where(real, per_token, 0.0)  # not per_token * mask: a NaN after the EOS stays out
     if loss_type == "grpo":
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_rows
+        loss = (per_token.sum(1) / real.sum(1).clamp(min=1)).sum() / num_rows
     elif loss_type == "dr_grpo":
         loss = per_token.sum() / (num_rows * max_new_tokens)
     elif loss_type == "dapo":
         loss = per_token.sum() / num_tokens
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    with torch.no_grad():  # where the clip is active: the gradient of that token is zero
-        stats["clip_low"] = common.masked_mean(((ratio < 1 - epsilon) & (A < 0)).float(), mask)
-        stats["clip_high"] = common.masked_mean(((ratio > 1 + epsilon_high) & (A > 0)).float(), mask)
-        stats["ratio"] = common.masked_mean(ratio, mask)
+    with torch.no_grad():  # where the clip is active the token's gradient is zero
+        stats["clip_low"] = ((ratio < 1 - epsilon) & (A < 0) & real).sum() / n_real
+        stats["clip_high"] = ((ratio > 1 + epsilon_high) & (A > 0) & real).sum() / n_real
+        stats["ratio"] = torch.where(real, ratio, 0.0).sum() / n_real
     return loss, stats
 
 
@@ -197,7 +200,7 @@ def main(args: Args) -> Path:
     # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
-    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
@@ -252,22 +255,26 @@ def main(args: Args) -> Path:
             stats = []
             for _ in range(args.num_iterations):
                 optimizer.zero_grad()
-                for rows_mb in torch.arange(batch_size).split(args.minibatch_size):
+                minibatches = torch.arange(batch_size).split(args.minibatch_size)
+                for k, rows_mb in enumerate(minibatches):
                     mb = common.rollout_slice(rollout, rows_mb)
-                    with common.autocast(device, args.dtype):
+                    # Under DDP, gradients are all-reduced once per optimizer step, in the last minibatch's backward.
+                    last = k == len(minibatches) - 1
+                    with common.autocast(device, args.dtype), (train_model.no_sync() if world > 1 and not last
+                                                                  else contextlib.nullcontext()):
                         logprobs, entropy = common.completion_logprobs(train_model, mb, args.temperature, entropy=True,
                                                                        group_size=shared)  # [b, T] each
-                    # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
-                    old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
-                    ref = None if ref_logprobs is None else ref_logprobs[rows_mb]
-                    loss, s = grpo_loss(logprobs, old, ref, advantages[rows_mb], mb.completion_mask, args.beta,
-                                        args.epsilon, epsilon_high, args.loss_type, args.max_new_tokens,
-                                        batch_size, num_tokens)
-                    common.check_finite(loss, "the loss")
-                    loss.backward()
+                        # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
+                        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
+                        ref = None if ref_logprobs is None else ref_logprobs[rows_mb]
+                        loss, s = grpo_loss(logprobs, old, ref, advantages[rows_mb], mb.completion_mask,
+                                            beta=args.beta, epsilon=args.epsilon, epsilon_high=epsilon_high,
+                                            loss_type=args.loss_type, max_new_tokens=args.max_new_tokens,
+                                            num_rows=batch_size, num_tokens=num_tokens)
+                        loss.backward()
                     stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                common.check_finite(grad_norm, "the gradient norm")
+                common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
             update_seconds = time.time() - t1
 
@@ -288,8 +295,8 @@ def main(args: Args) -> Path:
                 "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,
             }
+            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
                 metrics["dist/replica_spread"] = common.replica_spread(model)  # 0 when all processes agree
             if rank != 0:
                 continue

@@ -116,15 +116,17 @@ class Args:
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x − mean) / sqrt(var + 1e-8) over mask == 1 (biased variance); shift_mean=False keeps the mean."""
-    mean = common.masked_mean(x, mask)
-    var = common.masked_mean((x - mean) ** 2, mask)
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
+    mean = torch.where(real, x, 0.0).sum() / n
+    var = torch.where(real, (x - mean) ** 2, 0.0).sum() / n
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0.0)
+    return torch.where(real, whitened, 0.0)
 
 
-def per_token_rewards(logprobs, ref_logprobs, scores, mask, beta: float):
+def per_token_rewards(logprobs, ref_logprobs, scores, mask, *, beta: float):
     """r_t = −β (log π − log π_ref) at every real token, + score [B] at the last real token.
 
     Returns (rewards, kl) with kl = log π − log π_ref (k1), both [B, T] and 0 after the EOS."""
@@ -135,7 +137,7 @@ def per_token_rewards(logprobs, ref_logprobs, scores, mask, beta: float):
     return rewards, kl
 
 
-def gae(rewards, values, mask, gamma: float, lam: float):
+def gae(rewards, values, mask, *, gamma: float, lam: float):
     """Generalised advantage estimation over the real tokens, bootstrapping from 0 after the last.
 
     δ_t = r_t + γ V_{t+1} − V_t ;  A_t = δ_t + γλ A_{t+1} ;  returns R_t = A_t + V_t.
@@ -152,31 +154,35 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return advantages * mask, (advantages + values) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, cliprange: float):
     """L = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = π_θ/π_old -> (loss, stats)."""
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
     ratio = torch.exp(logprobs - old_logprobs)
     losses = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = common.masked_mean(torch.max(losses, clipped), mask)
+    loss = torch.where(real, torch.max(losses, clipped), 0.0).sum() / n
     with torch.no_grad():
         stats = {
-            "ratio": common.masked_mean(ratio, mask),
-            "clipfrac": common.masked_mean((clipped > losses).float(), mask),
+            "ratio": torch.where(real, ratio, 0.0).sum() / n,
+            "clipfrac": ((clipped > losses) & real).sum() / n,
             # approx KL(π_old‖π_θ) ≈ (ρ − 1) − log ρ   (http://joschu.net/blog/kl-approx.html)
-            "approxkl": common.masked_mean((ratio - 1) - (logprobs - old_logprobs), mask),
+            "approxkl": torch.where(real, (ratio - 1) - (logprobs - old_logprobs), 0.0).sum() / n,
         }
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value: float):
+def value_loss(values, old_values, returns, mask, *, cliprange_value: float):
     """L_V = ½ mean_t max((V − R)², (V_old + clip(V − V_old, −c, c) − R)²) -> (loss, stats)."""
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
     clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * common.masked_mean(torch.max(losses, losses_clipped), mask)
-    return loss, {"clipfrac": common.masked_mean((losses_clipped > losses).float(), mask).detach()}
+    loss = 0.5 * torch.where(real, torch.max(losses, losses_clipped), 0.0).sum() / n
+    return loss, {"clipfrac": ((losses_clipped > losses) & real).sum().detach() / n}
 
 
-def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+def adaptive_kl_coef(beta: float, kl: float, *, target: float, horizon: int, n_steps: int) -> float:
     """Ziegler et al.: e = clip(KL/target − 1, −0.2, 0.2); β ← β (1 + e · n_steps / horizon)."""
     error = min(max(kl / target - 1, -0.2), 0.2)
     return beta * (1 + error * n_steps / horizon)
@@ -184,9 +190,14 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_step
 
 def explained_variance(values, returns, mask) -> torch.Tensor:
     """1 − Var(R − V) / Var(R) over real tokens: 1 is a perfect critic, ≤ 0 a useless one."""
-    var = common.masked_mean((returns - common.masked_mean(returns, mask)) ** 2, mask)
-    diff = returns - values
-    return 1 - common.masked_mean((diff - common.masked_mean(diff, mask)) ** 2, mask) / var.clamp(min=1e-8)
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
+
+    def var(x):  # masked, biased
+        mean = torch.where(real, x, 0.0).sum() / n
+        return torch.where(real, (x - mean) ** 2, 0.0).sum() / n
+
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +208,8 @@ def forward(model, value_head, rollout, temperature: float):
     logits, hidden = common.forward_completion(model, rollout, hidden=True)  # [N, V], [N, H]: real tokens only
     mask = rollout.completion_mask
     logprobs, entropy = common.token_logprobs(logits, rollout.completion_ids[mask.bool()], temperature, entropy=True)
-    values = value_head(hidden.float()).squeeze(-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # values in fp32, also under bf16 autocast
+        values = value_head(hidden.float()).squeeze(-1)
     return common.unpack(logprobs, mask), common.unpack(entropy, mask), common.unpack(values, mask)
 
 
@@ -237,7 +249,7 @@ def main(args: Args) -> Path:
     # Under torchrun, DDP averages the gradients of both; rollouts and evaluation use the bare modules.
     ddp = torch.nn.parallel.DistributedDataParallel
     train_model, train_value_head = (ddp(model), ddp(value_head)) if world > 1 else (model, value_head)
-    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
@@ -288,10 +300,10 @@ def main(args: Args) -> Path:
                     ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
 
             # --- 4. per-token rewards, GAE, whitening ---
-            rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
+            rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta=beta)
             if args.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+            advantages, returns = gae(rewards, old_values, mask, gamma=args.gamma, lam=args.lam)
             if args.whiten_advantages:
                 advantages = whiten(advantages, mask)
 
@@ -303,15 +315,14 @@ def main(args: Args) -> Path:
                     with common.autocast(device, args.dtype):
                         logprobs, entropy, values = forward(train_model, train_value_head, mb, args.temperature)
                     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[rows_mb], advantages[rows_mb],
-                                                    mb.completion_mask, args.cliprange)
+                                                    mb.completion_mask, cliprange=args.cliprange)
                     vf_loss, vf_stats = value_loss(values, old_values[rows_mb], returns[rows_mb], mb.completion_mask,
-                                                   args.cliprange_value)
+                                                   cliprange_value=args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
-                    common.check_finite(loss, "the loss")
                     optimizer.zero_grad()
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    common.check_finite(grad_norm, "the gradient norm")
+                    common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                     optimizer.step()
                     stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
                                   "value/clipfrac": vf_stats["clipfrac"], "policy/entropy": common.masked_mean(
@@ -333,13 +344,14 @@ def main(args: Args) -> Path:
                 "train/lr": optimizer.param_groups[0]["lr"], "time/generation_s": gen_seconds,
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
             }
+            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
                 metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
 
             # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
             if args.adaptive_kl:
-                beta = adaptive_kl_coef(beta, sequence_kl, args.kl_target, args.kl_horizon, args.prompts_per_step)
+                beta = adaptive_kl_coef(beta, sequence_kl, target=args.kl_target, horizon=args.kl_horizon,
+                                        n_steps=args.prompts_per_step)
 
             # --- 8. logging, evaluation and checkpoints: rank 0 only ---
             if rank != 0:
@@ -354,7 +366,7 @@ def main(args: Args) -> Path:
                             eval=f"{eval_scores.get('reward', float('nan')):.3f}")
 
             if step % args.save_interval == 0 or step == args.steps:  # policy + value head
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}})
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
@@ -70,7 +69,7 @@ class Args:
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """L = −mean log σ(r_chosen − r_rejected); scores [N] -> scalar."""
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).mean()
 
 
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """TRPO for language models: conjugate gradient on Fisher-vector products, in one file.
 
 Paper: Schulman et al. 2015, Trust Region Policy Optimization, https://arxiv.org/abs/1502.05477.
-Reference implementations for RL (not LLMs): OpenAI Spinning Up (spinup/algos/pytorch/trpo) and
-OpenAI baselines (trpo_mpi).
+Reference implementations for RL (not LLMs): OpenAI Spinning Up (spinup/algos/tf1/trpo/trpo.py:
+`cg`, the Hessian-vector product and the line search called from one `update`) and OpenAI
+baselines (trpo_mpi).
 
 Each iteration maximises the surrogate L(θ) = mean_t ρ_t A_t, ρ_t = π_θ(y_t)/π_old(y_t), subject to
 the trust region KL̄(θ) = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) ≤ δ (exact, over the vocabulary):
@@ -36,7 +37,6 @@ from typing import Literal
 import torch
 import tyro
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm import tqdm
 
 import common
@@ -119,21 +119,23 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------
-# The math: pure functions. Shapes: [B, T] over completion tokens, [B, T, V] for distributions.
+# The math: pure functions of tensors. Shapes: [B, T] over completion tokens, [B, T, V] for distributions.
 
 
 def surrogate(logprobs, old_logprobs, advantages, mask) -> torch.Tensor:
     """L(θ) = mean_t ρ_t A_t over real tokens, ρ_t = exp(log π_θ − log π_old)."""
-    return common.masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask)
+    real = mask.bool()
+    return torch.where(real, torch.exp(logprobs - old_logprobs) * advantages, 0.0).sum() / real.sum().clamp(min=1)
 
 
 def mean_kl(old_log_dist, log_dist, mask) -> torch.Tensor:
     """KL̄ = mean_t Σ_v π_old(v) (log π_old(v) − log π_θ(v)); log-distributions [B, T, V]."""
     kl = (old_log_dist.exp() * (old_log_dist - log_dist)).sum(-1)  # [B, T]
-    return common.masked_mean(kl, mask)
+    real = mask.bool()
+    return torch.where(real, kl, 0.0).sum() / real.sum().clamp(min=1)
 
 
-def fisher_vector_product(kl_grad: torch.Tensor, params: list, v: torch.Tensor, damping: float) -> torch.Tensor:
+def fisher_vector_product(kl_grad: torch.Tensor, params: list, v: torch.Tensor, *, damping: float) -> torch.Tensor:
     """F v + damping·v, with F v = ∇_θ (∇_θ KL̄ · v) (double backward; the Hessian of KL̄ at θ_old is
     the Fisher). kl_grad: the flat ∇KL̄, built with create_graph=True, reused for every v."""
     hv = torch.autograd.grad((kl_grad * v).sum(), params, retain_graph=True)
@@ -158,29 +160,39 @@ def conjugate_gradient(Avp, b: torch.Tensor, iters: int, tol: float = 1e-10):
     return x, rr.sqrt()
 
 
-def line_search(params: list, full_step: torch.Tensor, evaluate, surrogate_before: float, max_kl: float,
+def line_search(params: list, full_step: torch.Tensor, evaluate, surrogate_before: float, *, max_kl: float,
                 steps: int, shrink: float) -> dict:
     """Backtracking: θ = θ_old + shrink^k · step for k = 0, 1, ...; accept the first θ with
     KL̄ ≤ δ and L(θ) > L(θ_old). evaluate() -> (L, KL̄) at the current parameters. If none is
     accepted, θ_old is written back exactly (a copy of its bits, not θ − step)."""
-    old = parameters_to_vector(params).detach().clone()
+    old = torch.nn.utils.parameters_to_vector(params).detach().clone()
     for k in range(steps):
-        vector_to_parameters(old + shrink**k * full_step, params)
+        torch.nn.utils.vector_to_parameters(old + shrink**k * full_step, params)
         surr, kl = evaluate()
         if kl <= max_kl and surr > surrogate_before:
             return {"accepted": True, "tries": k + 1, "surrogate": surr, "kl": kl, "step_fraction": shrink**k}
-    vector_to_parameters(old, params)
+    torch.nn.utils.vector_to_parameters(old, params)
     return {"accepted": False, "tries": steps, "surrogate": surrogate_before, "kl": 0.0, "step_fraction": 0.0}
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_it = (r_i − mean(r_group)) / (std(r_group) + eps) at every real token -> [B, T], as in grpo.py:
+    a group whose scores are all equal gets 0. scores [B], each group contiguous; mask [B, T]."""
+    grouped = scores.view(-1, group_size)
+    z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)
+    return z.view(-1, 1) * mask
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(x − mean) / sqrt(var + 1e-8) over mask == 1 (biased variance)."""
-    mean = common.masked_mean(x, mask)
-    var = common.masked_mean((x - mean) ** 2, mask)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
+    mean = torch.where(real, x, 0.0).sum() / n
+    var = torch.where(real, (x - mean) ** 2, 0.0).sum() / n
+    return torch.where(real, (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
-def gae(rewards, values, mask, gamma: float, lam: float):
+def gae(rewards, values, mask, *, gamma: float, lam: float):
     """δ_t = r_t + γ V_{t+1} − V_t ; A_t = δ_t + γλ A_{t+1} ; R_t = A_t + V_t (0 after the EOS)."""
     rewards, values = rewards * mask, values * mask
     advantages, last, T = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), rewards.shape[1]
@@ -192,12 +204,106 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 
 # ----------------------------------------------------------------------------------------------
+# The update: the math above applied to the model, in passes of a few rows.
+
+SCORING_ROWS = 8  # rows per forward pass in the batch-wide passes (old policy, gradient, line search)
+FISHER_ROWS = 4  # rows per twice-differentiable pass: plain-op attention costs the square of a pass's length
 
 
 def log_distributions(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """log π(· | context) from the packed logits [N, V] of common.forward_completion -> [B, T, V] fp32
     (uniform after the mask's end)."""
     return torch.log_softmax(common.unpack(logits, mask).float() / temperature, -1)
+
+
+@torch.no_grad()
+def old_policy(model, ref_model, rollout, temperature: float):
+    """θ_old's log-probs [B, T], full log-distributions [B, T, V] (for the KL), last hidden states
+    [B, T, H] (the value head's input), and the reference's log-probs [B, T] (None without ref_model)."""
+    old_logprobs, old_log_dist, hidden, ref_logprobs = [], [], [], []
+    for rows in torch.arange(len(rollout.texts)).split(SCORING_ROWS):
+        mb = common.rollout_slice(rollout, rows)
+        logits, h = common.forward_completion(model, mb, hidden=True)  # [N, V], [N, H]: real tokens
+        old_log_dist.append(log_distributions(logits, mb.completion_mask, temperature))
+        old_logprobs.append(old_log_dist[-1].gather(-1, mb.completion_ids[..., None]).squeeze(-1))
+        hidden.append(common.unpack(h, mb.completion_mask).float())
+        if ref_model is not None:
+            ref_logprobs.append(common.completion_logprobs(ref_model, mb, temperature))
+    return (torch.cat(old_logprobs), torch.cat(old_log_dist), torch.cat(hidden),
+            torch.cat(ref_logprobs) if ref_model is not None else None)
+
+
+def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, args, rng) -> dict:
+    """One trust-region step: g = ∇L, x ≈ F⁻¹g by CG, s = √(2δ / xᵀFx)·x, line search. Under torchrun
+    the gradient, the Fisher-vector products and the line search's figures are averaged over
+    processes, so every process takes the same step. Returns the step's statistics."""
+    mask, B = rollout.completion_mask, len(rollout.texts)
+    chunks = torch.arange(B).split(SCORING_ROWS)
+    num_tokens = common.all_mean(mask.sum().float())  # all real tokens / world: each chunk's share of L
+
+    # g = ∇L at θ_old, accumulated over chunks
+    model.zero_grad()
+    for rows in chunks:
+        mb = common.rollout_slice(rollout, rows)
+        logprobs = common.completion_logprobs(model, mb, args.temperature)
+        share = mb.completion_mask.sum() / num_tokens
+        (surrogate(logprobs, old_logprobs[rows], advantages[rows], mb.completion_mask) * share).backward()
+    g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+    common.check_finite(g.norm(), "the policy gradient")
+    surrogate_before = (common.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
+
+    # ∇KL̄ with its graph, over a subsample; F v is its derivative along v (attention as plain ops:
+    # the fused kernels have no double backward)
+    t0 = time.time()
+    fisher_rows = torch.randperm(B, generator=rng)[: max(1, math.ceil(args.fisher_fraction * B))]
+    fisher_kl, n_fisher = 0.0, mask[fisher_rows].sum()
+    for rows in fisher_rows.split(FISHER_ROWS):
+        fb = common.rollout_slice(rollout, rows)
+        with sdpa_kernel(SDPBackend.MATH):
+            log_dist = log_distributions(common.forward_completion(model, fb), fb.completion_mask, args.temperature)
+        fisher_kl = fisher_kl + mean_kl(old_log_dist[rows], log_dist, fb.completion_mask) * fb.completion_mask.sum() / n_fisher
+    kl_grad = torch.cat([k.reshape(-1) for k in torch.autograd.grad(fisher_kl, params, create_graph=True)])
+
+    def Fvp(v):
+        return common.all_mean(fisher_vector_product(kl_grad, params, v, damping=args.cg_damping))
+
+    x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
+    full_step = torch.sqrt(2 * args.max_kl / (x @ Fvp(x)).clamp(min=1e-12)) * x  # s = √(2δ / xᵀFx) · x
+    del kl_grad, fisher_kl, log_dist  # free the double-backward graph before the line search
+    cg_seconds = time.time() - t0
+
+    @torch.no_grad()
+    def evaluate():  # (L, KL̄) at the current parameters, averaged over processes
+        surr, kl = torch.zeros((), device=g.device), torch.zeros((), device=g.device)
+        for rows in chunks:
+            mb = common.rollout_slice(rollout, rows)
+            log_dist = log_distributions(common.forward_completion(model, mb), mb.completion_mask, args.temperature)
+            logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
+            share = mb.completion_mask.sum() / num_tokens
+            surr += surrogate(logprobs, old_logprobs[rows], advantages[rows], mb.completion_mask) * share
+            kl += mean_kl(old_log_dist[rows], log_dist, mb.completion_mask) * share
+        return common.all_mean(surr).item(), common.all_mean(kl).item()
+
+    t1 = time.time()
+    result = line_search(params, full_step, evaluate, surrogate_before, max_kl=args.max_kl,
+                         steps=args.line_search_steps, shrink=args.line_search_shrink)
+    return {**result, "surrogate_before": surrogate_before, "expected_improvement": (g @ full_step).item(),
+            "cg_residual": cg_residual.item(), "grad_norm": g.norm().item(), "cg_s": cg_seconds,
+            "line_search_s": time.time() - t1}
+
+
+def fit_value_head(value_head, optimizer, hidden, returns, mask, iters: int) -> float:
+    """The critic, trained separately: `iters` full-batch steps of masked (V(h) − R)² on detached
+    features h [B, T, H] -> the last loss. Gradients averaged over processes."""
+    real = mask.bool()
+    for _ in range(iters):
+        value_loss = torch.where(real, (value_head(hidden).squeeze(-1) - returns) ** 2, 0.0).sum() / real.sum()
+        optimizer.zero_grad()
+        value_loss.backward()
+        for p in value_head.parameters():
+            p.grad = common.all_mean(p.grad)
+        optimizer.step()
+    return value_loss.item() if iters else 0.0
 
 
 def transformer_layers(model) -> torch.nn.ModuleList:
@@ -240,27 +346,22 @@ def main(args: Args) -> Path:
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    if rank == 0:
-        print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
     value_optimizer = torch.optim.Adam(value_head.parameters(), lr=args.value_lr)
     use_ref = args.advantage == "gae" and args.beta != 0
     ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
-    scorer = common.RewardScorer.load(args.reward_model, device) if args.reward_model else None
+    scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     writer = common.make_writer(run_dir, args) if rank == 0 else None
     if rank == 0:
+        print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
         print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
-    # Under torchrun each process samples prompts_per_step / world prompts (seed + rank); the policy
-    # gradient, the Fisher-vector products, the line search's figures and the value head's gradient
-    # are averaged over processes, so every process takes the same step.
+    # Under torchrun each process samples prompts_per_step / world prompts (seed + rank).
     G, n_prompts = args.group_size, args.prompts_per_step // world
-    B = n_prompts * G
-    chunks = torch.arange(B).split(8)  # rows per forward pass in the batch-wide passes
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
@@ -274,7 +375,7 @@ def main(args: Args) -> Path:
         eval_scores = run_eval(0) if eval_rows and rank == 0 else {}
         bar = tqdm(range(1, args.steps + 1), desc="trpo", mininterval=1, disable=rank != 0)
         for step in bar:
-            # --- 1. rollouts: G completions for each prompt ---
+            # --- 1. rollouts: G completions for each prompt, and their scores ---
             t0 = time.time()
             picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
             rows = [train_rows[i] for i in picks for _ in range(G)]
@@ -288,138 +389,64 @@ def main(args: Args) -> Path:
             scores = scores.to(device)
             gen_seconds = time.time() - t0
 
-            # --- 2. the old policy: log-probs, full log-distributions (for the KL), hidden states ---
+            # --- 2. the old policy: log-probs, log-distributions (for the KL), hidden states; the reference ---
             t1 = time.time()
-            old_logprobs, old_log_dist, hidden, ref_logprobs = [], [], [], []
-            with torch.no_grad():
-                for rows_mb in chunks:
-                    mb = common.rollout_slice(rollout, rows_mb)
-                    logits, h = common.forward_completion(model, mb, hidden=True)  # [N, V], [N, H]: real tokens
-                    old_log_dist.append(log_distributions(logits, mb.completion_mask, args.temperature))  # [b, T, V]
-                    old_logprobs.append(old_log_dist[-1].gather(-1, mb.completion_ids[..., None]).squeeze(-1))
-                    hidden.append(common.unpack(h, mb.completion_mask).float())
-                    if use_ref:
-                        ref_logprobs.append(common.completion_logprobs(ref_model, mb, args.temperature))
-            old_logprobs, old_log_dist, hidden = torch.cat(old_logprobs), torch.cat(old_log_dist), torch.cat(hidden)
+            old_logprobs, old_log_dist, hidden, ref_logprobs = old_policy(model, ref_model, rollout, args.temperature)
 
-            # --- 3. advantages: GAE on the KL-penalised reward, or group z-scores ---
+            # --- 3. advantages: GAE on the KL-penalised reward (whitened), or group z-scores (as in grpo.py) ---
+            kl = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0) if use_ref else torch.zeros_like(old_logprobs)
             if args.advantage == "gae":
-                kl = torch.cat(ref_logprobs) - old_logprobs if use_ref else torch.zeros_like(old_logprobs)
-                kl = torch.where(mask.bool(), -kl, 0.0)  # log π − log π_ref
-                rewards = -args.beta * kl
-                rewards[torch.arange(B), mask.sum(1) - 1] += scores  # the score at the EOS
+                rewards = -args.beta * kl  # log π − log π_ref at every token ...
+                rewards[torch.arange(len(rows)), mask.sum(1) - 1] += scores  # ... and the score at the EOS
                 with torch.no_grad():
                     values = value_head(hidden).squeeze(-1)
-                advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+                advantages, returns = gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
+                if args.whiten_advantages:
+                    advantages = whiten(advantages, mask)
             else:
-                grouped = scores.view(-1, G)
-                z = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
-                advantages, kl = z.view(-1, 1).expand_as(mask) * mask, torch.zeros(mask.shape, device=device)
-            if args.whiten_advantages:
-                advantages = whiten(advantages, mask)
+                advantages = group_advantages(scores, G, mask)
 
-            # --- 4. the policy gradient g = ∇L at θ_old (accumulated over chunks, averaged over processes) ---
-            num_tokens = common.all_mean(mask.sum().float())  # all real tokens / world
-            model.zero_grad()
-            for rows_mb in chunks:
-                mb = common.rollout_slice(rollout, rows_mb)
-                logprobs = common.completion_logprobs(model, mb, args.temperature)
-                n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens: the chunks add up to L
-                (surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n).backward()
-            g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
-            common.check_finite(g.norm(), "the policy gradient")
-            surrogate_before = (common.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
-
-            # --- 5. natural-gradient direction by CG on Fisher-vector products (a subsample) ---
-            t2 = time.time()
-            fisher_rows = torch.randperm(B, generator=rng)[: max(1, math.ceil(args.fisher_fraction * B))]
-            # KL̄ over the subsample, 4 rows per pass: attention made of plain ops (twice differentiable)
-            # costs the square of a packed pass's length, so short passes are faster.
-            fisher_kl, n_fisher = 0.0, mask[fisher_rows].sum()
-            for rows_mb in fisher_rows.split(4):
-                fb = common.rollout_slice(rollout, rows_mb)
-                with sdpa_kernel(SDPBackend.MATH):
-                    logits = common.forward_completion(model, fb)  # [N, V]
-                log_dist = log_distributions(logits, fb.completion_mask, args.temperature)
-                share = fb.completion_mask.sum() / n_fisher  # this pass's share of the subsample's real tokens
-                fisher_kl = fisher_kl + mean_kl(old_log_dist[rows_mb], log_dist, fb.completion_mask) * share
-            kl_grad = torch.autograd.grad(fisher_kl, params, create_graph=True)
-            kl_grad = torch.cat([k.reshape(-1) for k in kl_grad])
-
-            def Fvp(v):  # (F + damping·I) v, averaged over processes
-                return common.all_mean(fisher_vector_product(kl_grad, params, v, args.cg_damping))
-
-            x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
-            xFx = (x @ Fvp(x)).clamp(min=1e-12)
-            full_step = torch.sqrt(2 * args.max_kl / xFx) * x  # s = √(2δ / xᵀFx) · x
-            expected_improvement = (g @ full_step).item()
-            kl_grad = fisher_kl = log_dist = logits = None  # free the double-backward graph
-            cg_seconds = time.time() - t2
-
-            # --- 6. backtracking line search: KL̄ ≤ δ and L improved, else keep θ_old ---
-            t3 = time.time()
-
-            @torch.no_grad()
-            def evaluate_step():
-                surr, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-                for rows_mb in chunks:
-                    mb = common.rollout_slice(rollout, rows_mb)
-                    logits = common.forward_completion(model, mb)  # [N, V]
-                    log_dist = log_distributions(logits, mb.completion_mask, args.temperature)
-                    logprobs = log_dist.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
-                    n = mb.completion_mask.sum() / num_tokens  # this chunk's share of all real tokens
-                    surr += surrogate(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask) * n
-                    kl_sum += mean_kl(old_log_dist[rows_mb], log_dist, mb.completion_mask) * n
-                return common.all_mean(surr).item(), common.all_mean(kl_sum).item()
-
-            result = line_search(params, full_step, evaluate_step, surrogate_before, args.max_kl,
-                                 args.line_search_steps, args.line_search_shrink)
-            line_search_seconds = time.time() - t3
-
-            # --- 7. the value head, trained separately on the returns (detached features) ---
-            value_loss = torch.tensor(0.0)
-            if args.advantage == "gae":
-                for _ in range(args.value_iters):
-                    value_loss = common.masked_mean((value_head(hidden).squeeze(-1) - returns) ** 2, mask)
-                    value_optimizer.zero_grad()
-                    value_loss.backward()
-                    for p in value_head.parameters():
-                        p.grad = common.all_mean(p.grad)
-                    value_optimizer.step()
+            # --- 4. the trust-region step on the policy; 5. the value head, trained separately ---
+            result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, args, rng)
+            value_loss = fit_value_head(value_head, value_optimizer, hidden, returns, mask,
+                                        args.value_iters) if args.advantage == "gae" else 0.0
             update_seconds = time.time() - t1
 
-            # --- 8. logging: figures averaged over processes, written by rank 0 ---
+            # --- 6. logging: figures averaged over processes, written by rank 0 ---
             lengths = mask.sum(1).float()
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
                 **{f"reward/{k}": v.mean() for k, v in parts.items()},
-                "trpo/surrogate_before": surrogate_before, "trpo/surrogate_after": result["surrogate"],
-                "trpo/expected_improvement": expected_improvement,
-                "trpo/actual_improvement": result["surrogate"] - surrogate_before,
+                "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
+                "trpo/expected_improvement": result["expected_improvement"],
+                "trpo/actual_improvement": result["surrogate"] - result["surrogate_before"],
                 "trpo/kl_after": result["kl"], "trpo/accepted": float(result["accepted"]),
                 "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
-                "trpo/cg_residual": cg_residual, "trpo/grad_norm": g.norm(), "value/loss": value_loss.detach(),
-                "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
-                "time/generation_s": gen_seconds, "time/cg_s": cg_seconds, "time/line_search_s": line_search_seconds,
-                "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
+                "trpo/cg_residual": result["cg_residual"], "trpo/grad_norm": result["grad_norm"],
+                "value/loss": value_loss, "completion/length_mean": lengths.mean(),
+                "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
+                "time/generation_s": gen_seconds, "time/cg_s": result["cg_s"],
+                "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,
+                "time/tokens_per_s": lengths.sum() / gen_seconds,
             }
+            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics = {k: common.all_mean(torch.as_tensor(float(v), device=device)) for k, v in metrics.items()}
                 metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
             if rank != 0:
                 continue
             for k, v in metrics.items():
-                writer.add_scalar(k, float(v), step)
+                writer.add_scalar(k, v, step)
             if step % 10 == 1:
                 common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
             if step % args.eval_interval == 0 or step == args.steps:
                 eval_scores = run_eval(step) if eval_rows else {}
-            bar.set_postfix(score=f"{scores.mean():.3f}", kl=f"{result['kl']:.4f}", tries=result["tries"],
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{result['kl']:.4f}", tries=result["tries"],
                             eval=f"{eval_scores.get('reward', float('nan')):.3f}")
 
-            # --- 9. checkpoint (policy + value head) ---
+            # --- 7. checkpoint (policy + value head) ---
             if step % args.save_interval == 0 or step == args.steps:
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_head.state_dict()})
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
+                                       {"value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}})
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise

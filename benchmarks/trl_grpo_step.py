@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,7 +47,7 @@ config = GRPOConfig(output_dir="/tmp/trl_grpo_bench", per_device_train_batch_siz
                     logging_steps=1, save_strategy="no", report_to="none", seed=1)
 timer = StepTimer()
 trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=dataset,
-                      processing_class=common.load_tokenizer(folder), callbacks=[timer])
+                      processing_class=AutoTokenizer.from_pretrained(folder, padding_side="left"), callbacks=[timer])
 trainer.train()
 print(json.dumps({"trl_step_s": statistics.median(timer.times[1:]), "trl_steps": len(timer.times),
                   "trl_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))

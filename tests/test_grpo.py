@@ -64,7 +64,8 @@ ADV = torch.tensor([2.0, -1.0])
 ])
 def test_loss_aggregation_matches_hand_computation(loss_type, expected):
     logprobs = torch.randn(2, 3)
-    loss, _ = grpo.grpo_loss(logprobs, logprobs, None, ADV, MASK, 0.0, 0.2, 0.2, loss_type, 4)
+    loss, _ = grpo.grpo_loss(logprobs, logprobs, None, ADV, MASK, beta=0.0, epsilon=0.2, epsilon_high=0.2,
+                             loss_type=loss_type, max_new_tokens=4)
     assert loss.item() == pytest.approx(expected)
 
 
@@ -72,7 +73,8 @@ def test_loss_clips_the_ratio_and_adds_beta_times_k3():
     old = torch.zeros(1, 1)
     new = torch.log(torch.tensor([[1.5]]))  # ratio 1.5 > 1 + ε_high
     ref = torch.log(torch.tensor([[0.5]]))
-    loss, stats = grpo.grpo_loss(new, old, ref, torch.tensor([1.0]), torch.ones(1, 1), 0.1, 0.2, 0.3, "grpo", 1)
+    loss, stats = grpo.grpo_loss(new, old, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1, epsilon=0.2,
+                                 epsilon_high=0.3, loss_type="grpo", max_new_tokens=1)
     kl = 0.5 / 1.5 - torch.log(torch.tensor(0.5 / 1.5)) - 1
     assert loss.item() == pytest.approx(-1.3 + 0.1 * kl.item())
     assert stats["clip_high"].item() == 1.0 and stats["clip_low"].item() == 0.0
@@ -85,9 +87,9 @@ def test_minibatch_losses_add_up_to_the_batch_loss(loss_type):
     mask = (torch.rand(6, 5) > 0.3).long()
     mask[:, 0] = 1
     adv = torch.randn(6)
-    args = (0.04, 0.2, 0.28, loss_type, 5)
-    whole, _ = grpo.grpo_loss(logprobs, old, ref, adv, mask, *args)
-    parts = sum(grpo.grpo_loss(logprobs[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], *args,
+    args = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, max_new_tokens=5)
+    whole, _ = grpo.grpo_loss(logprobs, old, ref, adv, mask, **args)
+    parts = sum(grpo.grpo_loss(logprobs[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], **args,
                                num_rows=6, num_tokens=mask.sum())[0] for i in range(0, 6, 2))
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
 

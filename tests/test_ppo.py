@@ -47,15 +47,15 @@ def test_score_lands_on_the_eos_when_pad_equals_eos():
 
 def test_per_token_reward_is_minus_beta_times_the_log_ratio():
     logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -1.0, -9.0]])
-    rewards, kl = ppo.per_token_rewards(logprobs, ref_logprobs, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]), 0.1)
+    rewards, kl = ppo.per_token_rewards(logprobs, ref_logprobs, torch.tensor([1.0]), torch.tensor([[1, 1, 0]]), beta=0.1)
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0]]))
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 1.0, 0.0]]))
 
 
 def test_adaptive_kl_coefficient_follows_the_formula():
-    assert ppo.adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
-    assert ppo.adaptive_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
-    assert ppo.adaptive_kl_coef(0.1, kl=6.0, target=6.0, horizon=100, n_steps=10) == 0.1
+    assert ppo.adaptive_kl_coef(0.1, 12.0, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 5.4, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 6.0, target=6.0, horizon=100, n_steps=10) == 0.1
 
 
 def test_value_loss_clips_around_the_old_value():
@@ -77,7 +77,7 @@ def test_ratio_is_one_and_nothing_clipped_on_the_first_minibatch():
             old[rows] = ppo.forward(model, value_head, common.rollout_slice(rollout, rows), 0.8)[0]
     mb = common.rollout_slice(rollout, minibatches[0])
     logprobs, _, _ = ppo.forward(model, value_head, mb, 0.8)
-    _, stats = ppo.policy_loss(logprobs, old[minibatches[0]], torch.randn(3, old.shape[1]), mb.completion_mask, 0.2)
+    _, stats = ppo.policy_loss(logprobs, old[minibatches[0]], torch.randn(3, old.shape[1]), mb.completion_mask, cliprange=0.2)
     assert stats["ratio"].item() == 1.0 and stats["clipfrac"].item() == 0.0 and stats["approxkl"].item() == 0.0
 
 

@@ -58,7 +58,7 @@ def test_fisher_vector_product_equals_the_explicit_fisher_times_a_vector():
 def test_line_search_accepts_only_within_the_trust_region():
     w = torch.nn.Parameter(torch.zeros(3))
     evaluate = lambda: (w.sum().item(), (w**2).sum().item())  # surrogate, "KL"
-    result = trpo.line_search([w], torch.ones(3), evaluate, surrogate_before=0.0, max_kl=0.1, steps=10, shrink=0.5)
+    result = trpo.line_search([w], torch.ones(3), evaluate, 0.0, max_kl=0.1, steps=10, shrink=0.5)
     assert result["accepted"] and result["kl"] <= 0.1 and result["tries"] == 4  # 3·(1/8)² ≤ 0.1 < 3·(1/4)²
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.125))
 
@@ -72,6 +72,18 @@ def test_a_step_that_cannot_improve_is_rejected_and_parameters_are_restored_bitw
     result = trpo.line_search(params, step, evaluate, surrogate_before=0.0, max_kl=0.1, steps=5, shrink=0.7)
     assert not result["accepted"] and result["tries"] == 5
     assert torch.equal(parameters_to_vector(params), before)
+
+
+def test_group_advantages_are_zero_for_a_group_of_equal_scores_whatever_the_lengths():
+    """As in grpo.py: no second whitening over all tokens, which would shift every advantage by an
+    amount that depends on the completions' lengths."""
+    lengths = torch.tensor([3, 3, 3, 3, 3, 20, 20, 4])
+    mask = (torch.arange(20)[None] < lengths[:, None]).long()
+    advantages = trpo.group_advantages(torch.tensor([0.0, 0, 0, 0, 1, 0, 0, 0]), 4, mask)
+    assert advantages[:4].abs().max() == 0
+    z = 0.75 / (0.5 + 1e-4)  # group 2: (1 - mean 0.25) / (std 0.5 + eps)
+    torch.testing.assert_close(advantages[4, :3], torch.full((3,), z), atol=1e-3, rtol=0)
+    assert (advantages[mask == 0] == 0).all()
 
 
 def test_surrogate_at_the_old_policy_is_the_mean_advantage():
