@@ -343,6 +343,7 @@ def main(args: Args) -> Path:
                 "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
                 "train/lr": optimizer.param_groups[0]["lr"], "time/generation_s": gen_seconds,
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
+                "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
             }
             metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:

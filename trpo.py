@@ -427,7 +427,7 @@ def main(args: Args) -> Path:
                 "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
                 "time/generation_s": gen_seconds, "time/cg_s": result["cg_s"],
                 "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,
-                "time/tokens_per_s": lengths.sum() / gen_seconds,
+                "time/tokens_per_s": lengths.sum() / gen_seconds, "time/update_tokens_per_s": lengths.sum() / update_seconds,
             }
             metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
