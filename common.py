@@ -529,7 +529,7 @@ def pick_device(device: str) -> torch.device:
             raise SystemExit(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
                              "use --nproc-per-node ≤ the number of GPUs, or --device cpu")
         device = f"cuda:{local_rank}"
-    if device.startswith("cuda"):
+    if torch.device(device).index is not None:  # this process's GPU, before any CUDA work or process group
         torch.cuda.set_device(torch.device(device))
     return torch.device(device)
 
