@@ -45,6 +45,31 @@ def test_token_logprobs_match_log_softmax_and_entropy_in_value_and_gradient():
     assert not entropy.requires_grad
 
 
+def test_token_logprobs_of_bf16_logits_keep_the_gradient_in_bf16_and_match_fp32():
+    """Under autocast the logits are bf16: the gradient comes back in bf16 (no fp32 [N, V] copy for
+    autograd to convert), computed in fp32 a block of rows at a time."""
+    logits = torch.randn(2500, 50).bfloat16().requires_grad_()  # more rows than one block (1024)
+    ids = torch.randint(0, 50, (2500,))
+    logprobs = common.token_logprobs(logits, ids, temperature=0.7)
+    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
+    assert logprobs.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    exact = logits.detach().float().requires_grad_()
+    expected = torch.log_softmax(exact / 0.7, -1).gather(-1, ids[:, None]).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), exact)
+    torch.testing.assert_close(logprobs, expected)
+    torch.testing.assert_close(grad.float(), expected_grad, atol=1e-2, rtol=1e-2)
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit, match="under torchrun: pass --device cuda"):
+        common.pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
+        common.pick_device("cuda")
+
+
 def test_a_model_whose_logits_are_not_its_lm_head_is_refused():
     model, _ = tiny_policy("llama")
     common.check_lm_head(model)  # as built: accepted

@@ -81,6 +81,19 @@ def test_ratio_is_one_and_nothing_clipped_on_the_first_minibatch():
     assert stats["ratio"].item() == 1.0 and stats["clipfrac"].item() == 0.0 and stats["approxkl"].item() == 0.0
 
 
+def test_values_are_fp32_under_bf16_autocast():
+    """The value head runs outside autocast: values with fp32's precision, not bf16's three digits."""
+    model, tokenizer = tiny_policy("llama")
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    rollout = common.generate(model, tokenizer, ["a", "bb"], max_new_tokens=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, values = ppo.forward(model, value_head, rollout, 1.0)
+        _, hidden = common.forward_completion(model, rollout, hidden=True)
+    assert values.dtype == torch.float32
+    expected = common.unpack(value_head(hidden.float()).squeeze(-1), rollout.completion_mask)
+    torch.testing.assert_close(values, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_explained_variance_is_one_for_a_perfect_critic():
     returns = torch.randn(3, 4)
     assert ppo.explained_variance(returns, returns, torch.ones(3, 4)).item() == pytest.approx(1.0)

@@ -29,11 +29,11 @@ def bytes_to_unicode() -> dict[int, str]:
 def byte_tokenizer(chat: bool, vocab_size: int = 0) -> PreTrainedTokenizerFast:
     """256 byte tokens plus special tokens. GPT-2 style (chat=False): one <|endoftext|>, no pad, no
     template. Llama style (chat=True): eos = pad = <|end|>, and a chat template. vocab_size: filler
-    tokens up to that size (never produced by encoding, decoded as "<|f123|>"), for a real vocabulary's
+    tokens up to that size (never produced by encoding, decoded as "<|1a3|>"), for a real vocabulary's
     logit sizes (benchmarks/gpu_check.py)."""
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     for i in range(len(vocab), vocab_size - (3 if chat else 1)):
-        vocab[f"<|f{i}|>"] = i
+        vocab[f"<|{i:x}|>"] = i  # hex: some hold the letter a, so the letter reward varies
     specials = ["<|end|>", "<|user|>", "<|assistant|>"] if chat else ["<|endoftext|>"]
     for s in specials:
         vocab[s] = len(vocab)
