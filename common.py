@@ -11,6 +11,7 @@ the first EOS, built by position (pad may equal eos); 4. dropout off; 5. the log
 predict token t+1; 6. the [batch, length, vocabulary] logits run out of memory first.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -417,7 +418,7 @@ def check_model_name(name: str) -> str:
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {name}: no config.json there; pass a folder written by save_pretrained")
-        return str(path)
+        return str(path.resolve())  # absolute: a LoRA checkpoint names its base model by this path
     from huggingface_hub import constants, snapshot_download
     from transformers import AutoConfig
 
@@ -490,6 +491,31 @@ def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
     if kind == "causal":
         check_lm_head(model)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each decoder layer's input and recompute the layer in the backward pass (transformers'
+    non-reentrant checkpointing): activations shrink to one tensor per layer, for one more forward
+    pass. transformers checkpoints a layer only in training mode: the layers alone are put in it, so
+    that their children (dropout) stay in eval mode."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
+def add_lora(model, rank: int, alpha: float):
+    """LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) through peft: W + (α/r)·B A on every linear
+    projection of the attention and MLP blocks (not the LM head); only A and B train. The reference
+    model is then the same network with its adapters off (`adapters_off`), not a second copy."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def adapters_off(model):
+    """A context in which a LoRA model is its base model (the reference); any other model is left as it is."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -88,6 +88,14 @@ class Args:
     """seeds prompts, sampling and initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
+    lora_rank: int = 0
+    """LoRA rank r: train peft adapters on the attention and MLP projections (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA scale α: the adapted weight is W + (α/r)·B A"""
+    lora_merge: bool = False
+    """with --lora-rank: also save checkpoint-merged/, the adapters merged into a plain transformers model"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
     output_dir: str = "runs"
@@ -197,14 +205,20 @@ def main(args: Args) -> Path:
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    if args.lora_rank:
+        model = common.add_lora(model, args.lora_rank, args.lora_alpha)
     # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0 else None
+    # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
+    ref_model = None if args.beta == 0 else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
     writer = common.make_writer(run_dir, args) if rank == 0 else None
     if rank == 0:
         print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
@@ -242,7 +256,7 @@ def main(args: Args) -> Path:
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
             t1 = time.time()
-            with torch.no_grad(), common.autocast(device, args.dtype):
+            with torch.no_grad(), common.autocast(device, args.dtype), common.adapters_off(ref_model):
                 ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
                                                            group_size=shared) if ref_model is not None else None)
                 old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
@@ -273,7 +287,7 @@ def main(args: Args) -> Path:
                                             num_rows=batch_size, num_tokens=num_tokens)
                         loss.backward()
                     stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
             update_seconds = time.time() - t1
@@ -311,7 +325,9 @@ def main(args: Args) -> Path:
 
             # --- 6. checkpoint ---
             if step % args.save_interval == 0 or step == args.steps:
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint")
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint")  # with LoRA: the adapters
+                if args.lora_merge and step == args.steps:
+                    common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise

@@ -102,6 +102,14 @@ class Args:
     """seeds prompts, sampling and initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
+    lora_rank: int = 0
+    """LoRA rank r: train peft adapters on the attention and MLP projections (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA scale α: the adapted weight is W + (α/r)·B A"""
+    lora_merge: bool = False
+    """with --lora-rank: also save checkpoint-merged/, the adapters merged into a plain transformers model"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
     output_dir: str = "runs"
@@ -242,10 +250,15 @@ def main(args: Args) -> Path:
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    if args.lora_rank:
+        model = common.add_lora(model, args.lora_rank, args.lora_alpha)
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
     torch.nn.init.zeros_(value_head.bias)
-    ref_model = copy.deepcopy(model).requires_grad_(False)
+    # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
+    ref_model = model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     # Under torchrun, DDP averages the gradients of both; rollouts and evaluation use the bare modules.
     ddp = torch.nn.parallel.DistributedDataParallel
     train_model, train_value_head = (ddp(model), ddp(value_head)) if world > 1 else (model, value_head)
@@ -253,7 +266,7 @@ def main(args: Args) -> Path:
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
-    params = list(model.parameters()) + list(value_head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
     writer = common.make_writer(run_dir, args) if rank == 0 else None
     if rank == 0:
@@ -297,7 +310,8 @@ def main(args: Args) -> Path:
                 for rows_mb in minibatches[0]:
                     mb = common.rollout_slice(rollout, rows_mb)
                     old_logprobs[rows_mb], _, old_values[rows_mb] = forward(model, value_head, mb, args.temperature)
-                    ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
+                    with common.adapters_off(ref_model):
+                        ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
 
             # --- 4. per-token rewards, GAE, whitening ---
             rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta=beta)
@@ -367,7 +381,11 @@ def main(args: Args) -> Path:
                             eval=f"{eval_scores.get('reward', float('nan')):.3f}")
 
             if step % args.save_interval == 0 or step == args.steps:  # policy + value head
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}})
+                value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
+                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_state})
+                if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
+                    common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
+                                           {"value_head.pt": value_state})
     except KeyboardInterrupt:
         print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
         raise

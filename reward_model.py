@@ -55,6 +55,8 @@ class Args:
     """seeds the split, the shuffling and the head's initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, ..."""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
     output_dir: str = "runs"
@@ -152,6 +154,8 @@ def main(args: Args) -> Path:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     device = common.pick_device(args.device)
     model, tokenizer = common.load_model(args.model, device, kind="reward")
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
     writer = common.make_writer(run_dir, args)
     print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out")

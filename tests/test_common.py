@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import json
 
@@ -276,3 +277,46 @@ def test_sample_draws_from_the_top_p_nucleus_in_proportion():
     expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     torch.testing.assert_close(counts, expected / expected.sum(), atol=0.015, rtol=0)
     assert torch.equal(common.sample(logits[:3], greedy=True), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_each_layer(arch):
+    model, tokenizer = tiny_policy(arch)
+    rollout = common.generate(model, tokenizer, ["hi", "there friend"], 6, group_size=2)
+    weights = torch.randn(rollout.completion_mask.shape)
+    results = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model)
+        if checkpointing:
+            common.enable_gradient_checkpointing(m)
+        calls = []  # runs of the first layer's MLP (transformers checkpoints `forward`, inside the hooks)
+        layers = next(mod for mod in m.modules() if isinstance(mod, torch.nn.ModuleList))
+        layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        (common.completion_logprobs(m, rollout, 0.8, group_size=2) * weights).sum().backward()
+        results.append((torch.cat([p.grad.reshape(-1) for p in m.parameters()]), len(calls)))
+        assert not any(mod.training for mod in m.modules() if isinstance(mod, torch.nn.Dropout))  # dropout stays off
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = results
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # forward, and once more in the backward pass
+
+
+def test_lora_reference_is_the_base_model_and_only_adapters_train():
+    model, tokenizer = tiny_policy("llama")
+    rollout = common.generate(model, tokenizer, ["hi", "there friend"], 6)
+    with torch.no_grad():
+        base = common.completion_logprobs(model, rollout, 1.0)
+    lora = common.add_lora(copy.deepcopy(model), rank=4, alpha=8.0)
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # B starts at 0: the second step is the first to move the output
+        optimizer.zero_grad()
+        common.completion_logprobs(lora, rollout, 1.0).sum().backward()
+        optimizer.step()
+    changed = {n for n, p in lora.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    with torch.no_grad():
+        assert not torch.equal(common.completion_logprobs(lora, rollout, 1.0), base)
+        with common.adapters_off(lora):
+            torch.testing.assert_close(common.completion_logprobs(lora, rollout, 1.0), base, atol=1e-6, rtol=0)

@@ -125,9 +125,13 @@ def test_ppo_runs_with_a_reward_model(llama_folder, tmp_path):
                                                  output_dir=str(tmp_path), run_name="rm", eval_interval=1000))
     result = run_script("ppo.py", "--model", llama_folder, "--reward-model", str(rm_dir / "checkpoint"), "--rule-weight",
                         "0", "--steps", "2", "--prompts-per-step", "4", "--eval-prompts", "4", "--run-name", "rm_ppo",
-                        cwd=tmp_path)
+                        "--lora-rank", "4", "--lora-merge", "--gradient-checkpointing", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert len(scalars(tmp_path / "runs" / "rm_ppo", "reward/reward_model")) == 2
+    run_dir = tmp_path / "runs" / "rm_ppo"
+    assert len(scalars(run_dir, "reward/reward_model")) == 2
+    # LoRA: the adapters, and the merged model, each with the value head
+    assert (run_dir / "checkpoint" / "adapter_config.json").is_file() and (run_dir / "checkpoint" / "value_head.pt").is_file()
+    assert (run_dir / "checkpoint-merged" / "config.json").is_file() and (run_dir / "checkpoint-merged" / "value_head.pt").is_file()
 
 
 def test_ppo_learns_the_letter_reward_and_the_value_loss_falls(llama_folder, tmp_path):

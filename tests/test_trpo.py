@@ -102,7 +102,7 @@ def test_mean_kl_is_zero_for_the_same_distribution_and_matches_torch():
 
 
 @pytest.mark.parametrize("arch, extra", [("gpt2", []), ("llama", ["--advantage", "group", "--group-size", "2",
-                                                                  "--trust-region-layers", "1"])])
+                                                                  "--trust-region-layers", "1", "--gradient-checkpointing"])])
 def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
