@@ -19,9 +19,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -271,20 +273,16 @@ LETTER = "a"  # the `letter` task rewards the share of this character: learnable
 REWARD_NORM_FILE = "reward_normalization.json"  # saved next to a reward model by reward_model.py
 
 
-def load_prompts(task: str, data: str | None, seed: int, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompts: from the JSONL file `data` when given (up to 10 % held out), else
-    from the built-in `task`: "What is A + B?" (A, B in 1..50; a fixed held-out split) or `letter`."""
+def load_prompts(task: str, data: str | None, seed: int, n_eval: int = 64,
+                 eval_data: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompts: from the JSONL file `data` (held out: `eval_data`, else up to 10 % of
+    `data`, at most n_eval), or from the built-in `task`: "What is A + B?" (A, B in 1..50; a fixed
+    held-out split) or `letter`."""
     if data is not None:
-        rows = []
-        for lineno, row in read_jsonl(data):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise SystemExit(f'{data}:{lineno}: needs a non-empty string field "prompt"')
-            rows.append({"prompt": row["prompt"], "answer": None if row.get("answer") is None else str(row["answer"])})
-        if not rows:
-            raise SystemExit(f"{data}: no prompts in the file")
+        rows = read_prompts(data)
         random.Random(seed).shuffle(rows)
-        n_eval = min(n_eval, len(rows) // 10)
-        return rows[n_eval:], rows[:n_eval]
+        held_out = read_prompts(eval_data)[:n_eval] if eval_data else rows[: min(n_eval, len(rows) // 10)]
+        return rows[0 if eval_data else len(held_out) :], held_out
     if task == "arithmetic":
         pairs = [(a, b) for a in range(1, 51) for b in range(1, 51)]
         random.Random(1234).shuffle(pairs)  # not the seed: held-out stays held out across seeds
@@ -296,6 +294,20 @@ def load_prompts(task: str, data: str | None, seed: int, n_eval: int = 64) -> tu
         rows = [{"prompt": f"Say something about {rng.choice(words)} {i}.", "answer": None} for i in range(1000 + n_eval)]
         return rows[n_eval:], rows[:n_eval]
     raise SystemExit(f"--task {task}: unknown; choose one of {TASKS} or pass --data FILE.jsonl")
+
+
+def read_prompts(path: str) -> list[dict]:
+    """{"prompt": str, "answer": str | None} per line of a JSONL file; errors name the line."""
+    rows = []
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise SystemExit(f'{path}:{lineno}: needs a non-empty string field "prompt"')
+        if not isinstance(row.get("answer"), (str, int, float, type(None))) or isinstance(row.get("answer"), bool):
+            raise SystemExit(f'{path}:{lineno}: "answer" must be a string or a number (or absent)')
+        rows.append({"prompt": row["prompt"], "answer": None if row.get("answer") is None else str(row["answer"])})
+    if not rows:
+        raise SystemExit(f"{path}: no prompts in the file")
+    return rows
 
 
 def correct_reward(completion: str, answer: str) -> float:
@@ -480,11 +492,14 @@ def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
         torch.distributed.barrier()
     folder = embedded_model_folder() if name == EMBEDDED_MODEL else check_model_name(name)
     kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa", **kwargs}  # sdpa: see forward_completion
-    if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")  # note 1; not kept by save_pretrained
+    try:
+        if kind == "causal":
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")  # note 1; not kept by save_pretrained
+    except (OSError, ValueError, KeyError) as e:  # a file missing or unreadable, an unknown architecture, ...
+        raise SystemExit(f"{name}: cannot be loaded as a model: {str(e).strip().splitlines()[0]}") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # GPT-2 has none
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()  # dropout off (note 4) for the whole run, also while training
@@ -545,17 +560,20 @@ def pick_device(device: str) -> torch.device:
     made the current device before the process group starts."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        index = torch.device(device).index
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         if device != "cuda":
             raise SystemExit(f"--device {device} under torchrun: pass --device cuda; each process takes GPU LOCAL_RANK")
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
-                             "use --nproc-per-node ≤ the number of GPUs, or --device cpu")
-        device = f"cuda:{local_rank}"
-    if torch.device(device).index is not None:  # this process's GPU, before any CUDA work or process group
+        device, index = f"cuda:{os.environ['LOCAL_RANK']}", int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible; under torchrun, "
+                         "use --nproc-per-node ≤ the number of GPUs")
+    if index is not None and device.startswith("cuda"):  # this process's GPU, before any CUDA work or process group
         torch.cuda.set_device(torch.device(device))
     return torch.device(device)
 
@@ -574,15 +592,19 @@ def set_seed(seed: int) -> None:
 def read_jsonl(path: str) -> list[tuple[int, object]]:
     """(line number, parsed JSON) for each non-empty line; errors name the file and the line."""
     if not Path(path).is_file():
-        raise SystemExit(f"{path}: no such file")
+        raise SystemExit(f"{path}: no such file" + (" (a folder)" if Path(path).is_dir() else ""))
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8") from None
             if line.strip():
                 try:
                     rows.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object")
+                    raise SystemExit(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     return rows
 
 
@@ -593,17 +615,21 @@ def read_jsonl(path: str) -> list[tuple[int, object]]:
 def run_folder(output_dir: str, run_name: str | None, default_name: str) -> Path:
     """output_dir/run_name (default: default_name plus the time); fails early when an earlier run
     left files there, whose checkpoint this run would overwrite. Only rank 0, the writer, checks."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise SystemExit(f"--output-dir {output_dir}: a file, not a folder; pass a folder (it is created if missing)")
     run_dir = Path(output_dir) / (run_name or f"{default_name}_{int(time.time())}")
     if os.environ.get("RANK", "0") == "0" and run_dir.is_dir() and any(run_dir.iterdir()):
         raise SystemExit(f"{run_dir} holds an earlier run; pass another --run-name, or delete that folder")
     return run_dir
 
 
-def make_writer(run_dir: Path, args) -> SummaryWriter:
-    """TensorBoard writer in run_dir, with the hyperparameters as a markdown table."""
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+def make_writer(run_dir: Path, args, first_step: int = 1) -> SummaryWriter:
+    """TensorBoard writer in run_dir, with the hyperparameters as a markdown table. A resumed run
+    (first_step > 1) drops what an earlier writer logged from first_step on, so nothing is plotted twice."""
+    writer = SummaryWriter(str(run_dir), purge_step=first_step if first_step > 1 else None)
+    if first_step == 1:  # the resumed run's hyperparameters are the run's
+        table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
 
 
@@ -674,3 +700,100 @@ def replica_spread(model) -> float:
     parts = [torch.empty_like(checksum) for _ in range(world_size())]
     torch.distributed.all_gather(parts, checksum)
     return (max(parts) - min(parts)).item()
+
+
+def check_ranges(args, ranges: dict[str, str]) -> None:
+    """Refuse, in one line, a flag that is not finite or outside its interval, e.g. {"top_p": "(0, 1]"}."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = low < value if interval[0] == "(" else low <= value
+        below = value < high if interval[-1] == ")" else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be in {interval}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Stopping and resuming
+
+TRAINING_STATE = "training_state.pt"  # in checkpoint/ beside the model: what --resume needs besides the weights
+
+
+class Interrupt:
+    """Ctrl-C, twice over: the first lets the current step finish, after which the loop saves and stops
+    (`stop_now`); the second stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self, device: torch.device) -> bool:
+        """True when any process was interrupted: all processes stop after the same step."""
+        return all_mean(torch.tensor(float(self.requested), device=device)).item() > 0
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def rng_states(generator: torch.Generator) -> list[dict]:
+    """Every random state of every process, in rank order: Python's, torch's (CPU, CUDA), the prompt generator's."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world_size() == 1:
+        return [state]
+    states = [None] * world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states: list[dict], generator: torch.Generator) -> None:
+    state = states[torch.distributed.get_rank() if world_size() > 1 else 0]
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume(args, script: str, may_change: tuple[str, ...]):
+    """(args, training state) to continue the run in the folder args.resume from its last checkpoint.
+    A flag given on this command line must equal the run's, except those in may_change; the others
+    are the run's."""
+    path = Path(args.resume) / "checkpoint" / TRAINING_STATE
+    if not path.is_file():
+        raise SystemExit(f"--resume {args.resume}: no checkpoint/{TRAINING_STATE} there; pass the folder of a run "
+                         f"of {script}.py that saved a checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["script"] != script:
+        raise SystemExit(f"--resume {args.resume}: a run of {state['script']}.py, not of {script}.py")
+    defaults, saved, given = asdict(type(args)()), state["args"], asdict(args)
+    changed = [k for k, v in given.items() if v != defaults[k] and v != saved[k] and k not in (*may_change, "resume")]
+    if changed:
+        raise SystemExit("--resume: " + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})"
+                                                  for k in changed) + f" would change the run; only "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in may_change) + " may")
+    if len(state["rng"]) != world_size():
+        raise SystemExit(f"--resume: the run had {len(state['rng'])} process(es), this one {world_size()}; use as many")
+    return replace(type(args)(**saved), resume=args.resume, **{k: given[k] for k in may_change
+                                                               if given[k] != defaults[k]}), state
+
+
+def load_weights(model, folder: Path) -> None:
+    """A checkpoint's trained weights (or LoRA adapters) into `model`, in place: for --resume."""
+    if (folder / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict())

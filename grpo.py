@@ -21,7 +21,7 @@ import contextlib
 import copy
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +39,9 @@ class Args:
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
     data: str | None = None
-    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task (up to 10 % held out, see --eval-data)"""
+    eval_data: str | None = None
+    """JSONL file of held-out prompts (with --data: then all of --data trains)"""
     reward_model: str | None = None
     """folder written by reward_model.py; its normalised score is added to the rule rewards"""
     reward_model_weight: float = 1.0
@@ -59,13 +61,13 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
     lr: float = 5e-6
     """AdamW learning rate (the paper uses 1e-6 for 7B models; 5e-6 suits the 135M default)"""
     beta: float = 0.04
     """β: weight of the k3 KL penalty to the reference model (paper: 0.04; 0 skips the reference pass)"""
     epsilon: float = 0.2
-    """ε: lower clip of the ratio, 1-ε"""
+    """ε: lower clip of the ratio, 1-ε (0 < ε < 1)"""
     epsilon_high: float | None = None
     """upper clip 1+ε_high (DAPO uses 0.28); default: ε"""
     num_iterations: int = 1
@@ -81,7 +83,7 @@ class Args:
     eval_interval: int = 20
     """greedy held-out evaluation every this many steps (and before the first, and after the last)"""
     eval_prompts: int = 64
-    """size of the held-out prompt set"""
+    """size of the held-out prompt set (0: no evaluation)"""
     save_interval: int = 50
     """checkpoint every this many steps, and at the end"""
     seed: int = 1
@@ -102,6 +104,8 @@ class Args:
     """TensorBoard events and checkpoints go to output_dir/run_name"""
     run_name: str | None = None
     """default: grpo_<task>_<seed>_<time>"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,36 +176,49 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, beta: f
 # ----------------------------------------------------------------------------------------------
 
 
+# Valid values of the numeric flags ("(": that end excluded). Checked before anything loads.
+RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
+          "steps": "[1, inf)", "prompts_per_step": "[1, inf)", "group_size": "[2, inf)", "max_new_tokens": "[1, inf)",
+          "temperature": "(0, inf)", "top_p": "(0, 1]", "lr": "(0, inf)", "beta": "[0, inf)", "epsilon": "(0, 1)",
+          "epsilon_high": "(0, inf)", "num_iterations": "[1, inf)", "minibatch_size": "[1, inf)",
+          "max_grad_norm": "(0, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)",
+          "save_interval": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+
+
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
+    if args.group_size < 2:
+        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
+    common.check_ranges(args, RANGES)
     world = common.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
-    if args.group_size < 2:
-        raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
     batch = args.prompts_per_step // world * args.group_size  # rows on each process
-    if args.minibatch_size < 1 or batch % args.minibatch_size:
+    if batch % args.minibatch_size:
         raise SystemExit(f"--prompts-per-step × --group-size = {batch} (per process) is not divisible by "
                          f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
-    if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.num_iterations) < 1:
-        raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --num-iterations must be ≥ 1")
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
+    if args.lora_merge and not args.lora_rank:
+        raise SystemExit("--lora-merge needs --lora-rank > 0")
 
 
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
+    state = None
+    if args.resume:
+        args, state = common.resume(args, "grpo", MAY_CHANGE)
     check_args(args)
-    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = common.run_folder(args.output_dir, args.run_name, f"grpo_{prompts_name}_{args.seed}")
+    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+                                                                       f"grpo_{prompts_name}_{args.seed}")
+    device = common.pick_device(args.device)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
     # --- set-up: processes, seed, models, optimizer, logging (rank 0 only) ---
-    device = common.pick_device(args.device)
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
@@ -209,19 +226,16 @@ def main(args: Args) -> Path:
         common.enable_gradient_checkpointing(model)
     if args.lora_rank:
         model = common.add_lora(model, args.lora_rank, args.lora_alpha)
-    # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
     ref_model = None if args.beta == 0 else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
+    # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
-    writer = common.make_writer(run_dir, args) if rank == 0 else None
-    if rank == 0:
-        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
     # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
     G, n_prompts = args.group_size, args.prompts_per_step // world
     batch_size = n_prompts * G
@@ -229,6 +243,18 @@ def main(args: Args) -> Path:
     shared = G if args.minibatch_size % G == 0 else 1
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
+    first_step = 1
+    if state is not None:  # --resume: the weights, the optimizer and every random state of the last checkpoint
+        common.load_weights(model, run_dir / "checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_states(state["rng"], rng)
+        first_step = state["step"] + 1
+    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = common.Interrupt()
+    if rank == 0:
+        print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
+              + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
+                 else ""))
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -236,9 +262,25 @@ def main(args: Args) -> Path:
             writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
+    saved = [first_step - 1 if state else None]  # the step of the last checkpoint
+
+    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
+        saved[0] = step
+        training = {"script": "grpo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
+                    "rng": common.rng_states(rng)}
+        if rank == 0:
+            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.TRAINING_STATE: training})
+            if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
+                common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
+
+    scores, stop = {}, False
     try:
-        scores = run_eval(0) if eval_rows and rank == 0 else {}
-        bar = tqdm(range(1, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0)
+        if eval_rows and rank == 0 and state is None:
+            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
+            scores = run_eval(0)
+            print(f"held-out score before training: {scores['reward']:.3f}", flush=True)
+        bar = tqdm(range(first_step, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0,
+                   initial=first_step - 1, total=args.steps)
         for step in bar:
             # --- 1. rollouts: G completions for each of prompts_per_step prompts ---
             t0 = time.time()
@@ -312,31 +354,43 @@ def main(args: Args) -> Path:
             metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
                 metrics["dist/replica_spread"] = common.replica_spread(model)  # 0 when all processes agree
-            if rank != 0:
-                continue
-            for k, v in metrics.items():
-                writer.add_scalar(k, float(v), step)
-            if step % 10 == 1:
-                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
-            if step % args.eval_interval == 0 or step == args.steps:
-                scores = run_eval(step) if eval_rows else {}
-            bar.set_postfix(reward=f"{rewards.mean():.3f}", kl=f"{float(metrics.get('train/kl', 0)):.4f}",
-                            eval=f"{scores.get('reward', float('nan')):.3f}")
+            if rank == 0:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                if step % 10 == 1:
+                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
+                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
+                    scores = run_eval(step)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('train/kl', 0):.4f}",
+                                eval=f"{scores.get('reward', float('nan')):.3f}")
 
-            # --- 6. checkpoint ---
-            if step % args.save_interval == 0 or step == args.steps:
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint")  # with LoRA: the adapters
-                if args.lora_merge and step == args.steps:
-                    common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
-    except KeyboardInterrupt:
-        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
-        raise
+            # --- 6. checkpoint: every --save-interval steps, at the end, and after a Ctrl-C ---
+            stop = interrupt.stop_now(device)
+            if step % args.save_interval == 0 or step == args.steps or stop:
+                save(step)
+            if stop:
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint as it was
+        stop = True
     finally:
+        interrupt.close()
         if writer is not None:
             writer.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
+    if rank == 0:
+        checkpoint = run_dir / "checkpoint"
+        if stop and saved[0] is None:
+            print("stopped before the first checkpoint: nothing to resume")
+        elif stop:
+            print(f"stopped; the checkpoint of step {saved[0]} is in {checkpoint}. Resume with: "
+                  f"python grpo.py --resume {run_dir}" + (f" --steps {args.steps}" if args.steps != Args.steps else ""))
+        else:
+            print(f"done: held-out score {scores.get('reward', float('nan')):.3f} after {args.steps} steps; "
+                  f"checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
+    if stop:
+        raise SystemExit(130)
     return run_dir
 
 

@@ -23,7 +23,7 @@ Several processes: `torchrun --nproc-per-node N ppo.py ...` (DDP; README, "Sever
 import copy
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +41,9 @@ class Args:
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
     data: str | None = None
-    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task (up to 10 % held out, see --eval-data)"""
+    eval_data: str | None = None
+    """JSONL file of held-out prompts (with --data: then all of --data trains)"""
     reward_model: str | None = None
     """folder written by reward_model.py; its normalised score is added to the rule rewards"""
     reward_model_weight: float = 1.0
@@ -59,7 +61,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
     lr: float = 2e-6
     """AdamW learning rate (policy and value head)"""
     beta: float = 0.05
@@ -95,7 +97,7 @@ class Args:
     eval_interval: int = 20
     """greedy held-out evaluation every this many iterations (and before the first, and after the last)"""
     eval_prompts: int = 64
-    """size of the held-out prompt set"""
+    """size of the held-out prompt set (0: no evaluation)"""
     save_interval: int = 50
     """checkpoint every this many iterations, and at the end"""
     seed: int = 1
@@ -116,6 +118,8 @@ class Args:
     """TensorBoard events and checkpoints go to output_dir/run_name"""
     run_name: str | None = None
     """default: ppo_<task>_<seed>_<time>"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,32 +225,46 @@ def forward(model, value_head, rollout, temperature: float):
     return common.unpack(logprobs, mask), common.unpack(entropy, mask), common.unpack(values, mask)
 
 
+# Valid values of the numeric flags ("(": that end excluded). Checked before anything loads.
+RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
+          "steps": "[1, inf)", "prompts_per_step": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)",
+          "top_p": "(0, 1]", "lr": "(0, inf)", "beta": "[0, inf)", "kl_target": "(0, inf)", "kl_horizon": "[1, inf)",
+          "gamma": "[0, 1]", "lam": "[0, 1]", "ppo_epochs": "[1, inf)", "num_minibatches": "[1, inf)",
+          "cliprange": "(0, 1)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)", "missing_eos_penalty": "[-inf, inf]",
+          "max_grad_norm": "(0, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)",
+          "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+
+
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
+    common.check_ranges(args, RANGES)
     world = common.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
-    if args.num_minibatches < 1 or (args.prompts_per_step // world) % args.num_minibatches:
+    if (args.prompts_per_step // world) % args.num_minibatches:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} (per process: {args.prompts_per_step // world}) "
                          f"is not divisible by --num-minibatches {args.num_minibatches}; pick numbers where it is")
-    if min(args.steps, args.prompts_per_step, args.max_new_tokens, args.ppo_epochs) < 1:
-        raise SystemExit("--steps, --prompts-per-step, --max-new-tokens and --ppo-epochs must be ≥ 1")
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
+    if args.lora_merge and not args.lora_rank:
+        raise SystemExit("--lora-merge needs --lora-rank > 0")
 
 
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
+    state = None
+    if args.resume:
+        args, state = common.resume(args, "ppo", MAY_CHANGE)
     check_args(args)
-    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = common.run_folder(args.output_dir, args.run_name, f"ppo_{prompts_name}_{args.seed}")
+    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+                                                                       f"ppo_{prompts_name}_{args.seed}")
+    device = common.pick_device(args.device)
 
     # --- set-up: processes, seed, policy + value head, reference, optimizer, logging (rank 0) ---
-    device = common.pick_device(args.device)
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
@@ -268,14 +286,24 @@ def main(args: Args) -> Path:
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
     optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
-    writer = common.make_writer(run_dir, args) if rank == 0 else None
-    if rank == 0:
-        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
     # Each process samples its own prompts_per_step / world prompts (seed + rank) and whitens its
     # own advantages; β stays the same everywhere because the KL that adapts it is averaged.
     B, beta = args.prompts_per_step // world, args.beta
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
+    first_step = 1
+    if state is not None:  # --resume: weights, value head, optimizer, β and every random state of the last checkpoint
+        common.load_weights(model, run_dir / "checkpoint")
+        value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
+        optimizer.load_state_dict(state["optimizer"])
+        common.set_rng_states(state["rng"], rng)
+        first_step, beta = state["step"] + 1, state["beta"]
+    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = common.Interrupt()
+    if rank == 0:
+        print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
+              + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
+                 else ""))
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -283,9 +311,28 @@ def main(args: Args) -> Path:
             writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
+    saved = [first_step - 1 if state else None]  # the step of the last checkpoint
+
+    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
+        saved[0] = step
+        training = {"script": "ppo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
+                    "beta": beta, "rng": common.rng_states(rng)}
+        if rank == 0:
+            value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
+            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
+                                   {"value_head.pt": value_state, common.TRAINING_STATE: training})
+            if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
+                common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
+                                       {"value_head.pt": value_state})
+
+    eval_scores, stop = {}, False
     try:
-        eval_scores = run_eval(0) if eval_rows and rank == 0 else {}
-        bar = tqdm(range(1, args.steps + 1), desc="ppo", mininterval=1, disable=rank != 0)
+        if eval_rows and rank == 0 and state is None:
+            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
+            eval_scores = run_eval(0)
+            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True)
+        bar = tqdm(range(first_step, args.steps + 1), desc="ppo", mininterval=1, disable=rank != 0,
+                   initial=first_step - 1, total=args.steps)
         for step in bar:
             # --- 1. rollouts: one completion per prompt ---
             t0 = time.time()
@@ -348,8 +395,10 @@ def main(args: Args) -> Path:
             sequence_kl = common.all_mean(kl.sum(1).mean()).item()
             non_score = -beta * kl.sum(1)  # [B]
             lengths = mask.sum(1).float()
+            log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0)  # k3 per token, as grpo.py's train/kl
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl": sequence_kl,
+                "objective/kl_k3_per_token": ((log_ratio.exp() - log_ratio - 1) * mask).sum() / mask.sum(),
                 "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
                 "objective/kl_coef": beta, **{f"reward/{k}": v.mean() for k, v in parts.items()},
                 **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
@@ -368,33 +417,43 @@ def main(args: Args) -> Path:
                 beta = adaptive_kl_coef(beta, sequence_kl, target=args.kl_target, horizon=args.kl_horizon,
                                         n_steps=args.prompts_per_step)
 
-            # --- 8. logging, evaluation and checkpoints: rank 0 only ---
-            if rank != 0:
-                continue
-            for k, v in metrics.items():
-                writer.add_scalar(k, float(v), step)
-            if step % 10 == 1:
-                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
-            if step % args.eval_interval == 0 or step == args.steps:
-                eval_scores = run_eval(step) if eval_rows else {}
-            bar.set_postfix(score=f"{scores.mean():.3f}", kl=f"{sequence_kl:.3f}",
-                            eval=f"{eval_scores.get('reward', float('nan')):.3f}")
-
-            if step % args.save_interval == 0 or step == args.steps:  # policy + value head
-                value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {"value_head.pt": value_state})
-                if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
-                    common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
-                                           {"value_head.pt": value_state})
-    except KeyboardInterrupt:
-        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
-        raise
+            # --- 8. logging and evaluation (rank 0); checkpoint every --save-interval, at the end, after a Ctrl-C ---
+            if rank == 0:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                if step % 10 == 1:
+                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
+                    eval_scores = run_eval(step)
+                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
+                                kl=f"{metrics['objective/kl_k3_per_token']:.4f}",
+                                eval=f"{eval_scores.get('reward', float('nan')):.3f}")
+            stop = interrupt.stop_now(device)
+            if step % args.save_interval == 0 or step == args.steps or stop:
+                save(step)  # policy (or adapters) + value head + training state
+            if stop:
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint as it was
+        stop = True
     finally:
+        interrupt.close()
         if writer is not None:
             writer.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
+    if rank == 0:
+        checkpoint = run_dir / "checkpoint"
+        if stop and saved[0] is None:
+            print("stopped before the first checkpoint: nothing to resume")
+        elif stop:
+            print(f"stopped; the checkpoint of step {saved[0]} is in {checkpoint}. Resume with: "
+                  f"python ppo.py --resume {run_dir}" + (f" --steps {args.steps}" if args.steps != Args.steps else ""))
+        else:
+            print(f"done: held-out score {eval_scores.get('reward', float('nan')):.3f} after {args.steps} steps; "
+                  f"checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
+    if stop:
+        raise SystemExit(130)
     return run_dir
 
 

@@ -39,8 +39,8 @@ class Args:
     """JSONL file of {"prompt", "chosen", "rejected"} lines; default: built-in pairs from the arithmetic task"""
     num_pairs: int = 1024
     """size of the built-in preference set (ignored with --data)"""
-    epochs: int = 1
-    """passes over the training pairs"""
+    steps: int | None = None
+    """optimizer steps, one batch of pairs each (default: one pass over the training pairs)"""
     batch_size: int = 16
     """pairs per optimizer step"""
     lr: float = 2e-5
@@ -48,7 +48,7 @@ class Args:
     max_length: int = 128
     """prompt + response tokens kept (truncated on the right)"""
     eval_fraction: float = 0.1
-    """share of the pairs held out for accuracy"""
+    """share of the pairs held out for accuracy (0 < f < 1)"""
     eval_interval: int = 20
     """held-out evaluation every this many steps (and at the end)"""
     seed: int = 1
@@ -136,29 +136,35 @@ def evaluate(model, tokenizer, pairs, args) -> dict:
             "scores": torch.cat([chosen, rejected]).cpu()}
 
 
+# Valid values of the numeric flags ("(": that end excluded). Checked before anything loads.
+RANGES = {"num_pairs": "[2, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+          "max_length": "[2, inf)", "eval_fraction": "(0, 1)", "eval_interval": "[1, inf)"}
+
+
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
-    if not 0 < args.eval_fraction < 1:
-        raise SystemExit("--eval-fraction must be between 0 and 1")
+    common.check_ranges(args, RANGES)
     pairs = read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
     if len(pairs) < 2:
         raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
     common.check_model_name(args.model)
     pairs_name = Path(args.data).stem if args.data else "arithmetic"
     run_dir = common.run_folder(args.output_dir, args.run_name, f"rm_{pairs_name}_{args.seed}")
+    device = common.pick_device(args.device)
 
     # --- set-up ---
     common.set_seed(args.seed)
     random.Random(args.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * args.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
-    device = common.pick_device(args.device)
+    steps = args.steps or -(-len(train_pairs) // args.batch_size)  # default: one pass over the training pairs
     model, tokenizer = common.load_model(args.model, device, kind="reward")
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
     writer = common.make_writer(run_dir, args)
-    print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out")
+    interrupt = common.Interrupt()
+    print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out; {steps} steps")
 
     def run_eval(step):
         result = evaluate(model, tokenizer, eval_pairs, args)
@@ -169,8 +175,7 @@ def main(args: Args) -> Path:
     try:
         result = run_eval(0)
         print(f"held-out accuracy before training: {result['accuracy']:.3f}")
-        steps_per_epoch = -(-len(train_pairs) // args.batch_size)
-        bar = tqdm(range(1, args.epochs * steps_per_epoch + 1), desc="reward model", mininterval=1)
+        bar = tqdm(range(1, steps + 1), desc="reward model", mininterval=1)
         order = []
         for step in bar:
             # --- one optimizer step on a batch of pairs ---
@@ -182,11 +187,10 @@ def main(args: Args) -> Path:
             with common.autocast(device, args.dtype):
                 chosen, rejected = score_pairs(model, tokenizer, batch, args.max_length)
             loss = bradley_terry_loss(chosen, rejected)
-            common.check_finite(loss, "the loss")
             optimizer.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            common.check_finite(grad_norm, "the gradient norm")
+            common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
             optimizer.step()
 
             # --- logging ---
@@ -195,18 +199,28 @@ def main(args: Args) -> Path:
             writer.add_scalar("train/margin", (chosen - rejected).mean().item(), step)
             writer.add_scalar("train/grad_norm", grad_norm.item(), step)
             writer.add_scalar("time/step_s", time.time() - t0, step)
-            if step % args.eval_interval == 0 or step == len(bar):
+            if step % args.eval_interval == 0 or step == steps or interrupt.requested:
                 result = run_eval(step)
             bar.set_postfix(loss=f"{loss.item():.3f}", eval_acc=f"{result['accuracy']:.3f}")
+            if interrupt.requested:  # the first Ctrl-C: the model as it is now is saved below
+                break
 
         # --- normalise on the training responses, then save ---
         scores = evaluate(model, tokenizer, train_pairs, args)["scores"]
         norm = {"mean": scores.mean().item(), "std": scores.std().item() + 1e-6, "max_length": args.max_length}
         common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.REWARD_NORM_FILE: norm})
         writer.add_text("result", f"held-out accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}")
-        print(f"held-out accuracy {result['accuracy']:.3f}; reward model saved: --reward-model {run_dir / 'checkpoint'}")
+        print(("stopped after step " + str(step) + "; " if interrupt.requested else "done: ")
+              + f"held-out accuracy {result['accuracy']:.3f}; reward model saved: --reward-model {run_dir / 'checkpoint'}"
+              + f"; tensorboard --logdir {run_dir}")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, nothing saved
+        print("stopped at once; no reward model was saved")
+        raise SystemExit(130) from None
     finally:
+        interrupt.close()
         writer.close()
+    if interrupt.requested:
+        raise SystemExit(130)
     return run_dir
 
 

@@ -30,7 +30,7 @@ import copy
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,7 +49,9 @@ class Args:
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
     data: str | None = None
-    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task"""
+    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task (up to 10 % held out, see --eval-data)"""
+    eval_data: str | None = None
+    """JSONL file of held-out prompts (with --data: then all of --data trains)"""
     reward_model: str | None = None
     """folder written by reward_model.py; its normalised score is added to the rule rewards"""
     reward_model_weight: float = 1.0
@@ -69,7 +71,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
     advantage: Literal["gae", "group"] = "gae"
     """`gae`: value head + GAE on the KL-penalised reward; `group`: z-score of the score within each group"""
     beta: float = 0.05
@@ -103,7 +105,7 @@ class Args:
     eval_interval: int = 20
     """greedy held-out evaluation every this many iterations (and before the first, and after the last)"""
     eval_prompts: int = 64
-    """size of the held-out prompt set"""
+    """size of the held-out prompt set (0: no evaluation)"""
     save_interval: int = 50
     """checkpoint every this many iterations, and at the end"""
     seed: int = 1
@@ -118,6 +120,8 @@ class Args:
     """TensorBoard events and checkpoints go to output_dir/run_name"""
     run_name: str | None = None
     """default: trpo_<task>_<seed>_<time>"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,38 +319,50 @@ def transformer_layers(model) -> torch.nn.ModuleList:
     return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 
 
+# Valid values of the numeric flags ("(": that end excluded). Checked before anything loads.
+RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
+          "steps": "[1, inf)", "prompts_per_step": "[1, inf)", "group_size": "[1, inf)", "max_new_tokens": "[1, inf)",
+          "temperature": "(0, inf)", "top_p": "(0, 1]", "beta": "[0, inf)", "gamma": "[0, 1]", "lam": "[0, 1]",
+          "missing_eos_penalty": "[-inf, inf]", "max_kl": "(0, inf)", "cg_iters": "[1, inf)", "cg_damping": "[0, inf)",
+          "line_search_steps": "[1, inf)", "line_search_shrink": "(0, 1)", "fisher_fraction": "(0, 1]",
+          "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)",
+          "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)"}
+MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+
+
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
+    common.check_ranges(args, RANGES)
     world = common.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
-    if min(args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens, args.cg_iters) < 1:
-        raise SystemExit("--steps, --prompts-per-step, --group-size, --max-new-tokens and --cg-iters must be ≥ 1")
-    if not 0 < args.fisher_fraction <= 1 or args.max_kl <= 0 or not 0 < args.line_search_shrink < 1:
-        raise SystemExit("need 0 < --fisher-fraction ≤ 1, --max-kl > 0 and 0 < --line-search-shrink < 1")
-    if args.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 (log-probabilities divide by it)")
 
 
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
+    state = None
+    if args.resume:
+        args, state = common.resume(args, "trpo", MAY_CHANGE)
     check_args(args)
-    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts)
+    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
     common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = common.run_folder(args.output_dir, args.run_name, f"trpo_{prompts_name}_{args.seed}")
+    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+                                                                       f"trpo_{prompts_name}_{args.seed}")
+    device = common.pick_device(args.device)
 
     # --- set-up: processes, policy, value head, reference, logging ---
-    device = common.pick_device(args.device)
     rank, world = common.init_distributed(device), common.world_size()
     common.set_seed(args.seed)
     model, tokenizer = common.load_model(args.model, device)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
+    use_ref = args.advantage == "gae" and args.beta != 0
+    ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
     if args.trust_region_layers is not None:
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
@@ -355,20 +371,28 @@ def main(args: Args) -> Path:
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
     value_optimizer = torch.optim.Adam(value_head.parameters(), lr=args.value_lr)
-    use_ref = args.advantage == "gae" and args.beta != 0
-    ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
                                   scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
-    writer = common.make_writer(run_dir, args) if rank == 0 else None
-    if rank == 0:
-        print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
-        print(f"run folder: {run_dir}  (tensorboard --logdir {args.output_dir})")
     # Under torchrun each process samples prompts_per_step / world prompts (seed + rank).
     G, n_prompts = args.group_size, args.prompts_per_step // world
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
+    first_step = 1
+    if state is not None:  # --resume: weights, value head and its optimizer, every random state
+        common.load_weights(model, run_dir / "checkpoint")
+        value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
+        value_optimizer.load_state_dict(state["value_optimizer"])
+        common.set_rng_states(state["rng"], rng)
+        first_step = state["step"] + 1
+    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = common.Interrupt()
+    if rank == 0:
+        print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
+        print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
+              + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
+                 else ""))
 
     def run_eval(step):
         scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
@@ -376,9 +400,24 @@ def main(args: Args) -> Path:
             writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
+    saved = [first_step - 1 if state else None]  # the step of the last checkpoint
+
+    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
+        saved[0] = step
+        training = {"script": "trpo", "step": step, "args": asdict(args), "rng": common.rng_states(rng),
+                    "value_optimizer": value_optimizer.state_dict()}
+        if rank == 0:
+            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {
+                "value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}, common.TRAINING_STATE: training})
+
+    eval_scores, stop = {}, False
     try:
-        eval_scores = run_eval(0) if eval_rows and rank == 0 else {}
-        bar = tqdm(range(1, args.steps + 1), desc="trpo", mininterval=1, disable=rank != 0)
+        if eval_rows and rank == 0 and state is None:
+            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
+            eval_scores = run_eval(0)
+            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True)
+        bar = tqdm(range(first_step, args.steps + 1), desc="trpo", mininterval=1, disable=rank != 0,
+                   initial=first_step - 1, total=args.steps)
         for step in bar:
             # --- 1. rollouts: G completions for each prompt, and their scores ---
             t0 = time.time()
@@ -421,6 +460,7 @@ def main(args: Args) -> Path:
             lengths = mask.sum(1).float()
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
+                "objective/kl_k3_per_token": ((-kl).exp() + kl - 1).sum() / mask.sum(),  # k3 of log π_ref − log π
                 **{f"reward/{k}": v.mean() for k, v in parts.items()},
                 "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
                 "trpo/expected_improvement": result["expected_improvement"],
@@ -437,30 +477,45 @@ def main(args: Args) -> Path:
             metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
                 metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
-            if rank != 0:
-                continue
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, step)
-            if step % 10 == 1:
-                common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
-            if step % args.eval_interval == 0 or step == args.steps:
-                eval_scores = run_eval(step) if eval_rows else {}
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{result['kl']:.4f}", tries=result["tries"],
-                            eval=f"{eval_scores.get('reward', float('nan')):.3f}")
+            if rank == 0:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                if step % 10 == 1:
+                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
+                    eval_scores = run_eval(step)
+                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
+                                kl=f"{metrics['objective/kl_k3_per_token']:.4f}" if use_ref else "-",
+                                tr_kl=f"{result['kl']:.4f}", tries=result["tries"],
+                                eval=f"{eval_scores.get('reward', float('nan')):.3f}")
 
-            # --- 7. checkpoint (policy + value head) ---
-            if step % args.save_interval == 0 or step == args.steps:
-                common.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
-                                       {"value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}})
-    except KeyboardInterrupt:
-        print(f"interrupted; the last checkpoint (if any) is in {run_dir / 'checkpoint'}")
-        raise
+            # --- 7. checkpoint (policy + value head): every --save-interval, at the end, after a Ctrl-C ---
+            stop = interrupt.stop_now(device)
+            if step % args.save_interval == 0 or step == args.steps or stop:
+                save(step)
+            if stop:
+                break
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint as it was
+        stop = True
     finally:
+        interrupt.close()
         if writer is not None:
             writer.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
+    if rank == 0:
+        checkpoint = run_dir / "checkpoint"
+        if stop and saved[0] is None:
+            print("stopped before the first checkpoint: nothing to resume")
+        elif stop:
+            print(f"stopped; the checkpoint of step {saved[0]} is in {checkpoint}. Resume with: "
+                  f"python trpo.py --resume {run_dir}" + (f" --steps {args.steps}" if args.steps != Args.steps else ""))
+        else:
+            print(f"done: held-out score {eval_scores.get('reward', float('nan')):.3f} after {args.steps} steps; "
+                  f"checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
+    if stop:
+        raise SystemExit(130)
     return run_dir
 
 

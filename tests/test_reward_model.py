@@ -33,7 +33,7 @@ def write_pairs(path, n=200, seed=0):
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory, llama_folder):
     tmp = tmp_path_factory.mktemp("rm")
-    args = reward_model.Args(model=llama_folder, data=write_pairs(tmp / "pairs.jsonl"), epochs=2, batch_size=16,
+    args = reward_model.Args(model=llama_folder, data=write_pairs(tmp / "pairs.jsonl"), steps=24, batch_size=16,
                              lr=3e-3, max_length=64, eval_interval=1000, output_dir=str(tmp), run_name="rm",
                              gradient_checkpointing=True)  # the same gradients: the accuracy tests cover it too
     return reward_model.main(args)

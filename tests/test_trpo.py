@@ -132,7 +132,7 @@ def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_r
 
 @pytest.mark.parametrize("argv, message", [
     (["--advantage", "group"], "needs --group-size ≥ 2"),
-    (["--fisher-fraction", "0"], "0 < --fisher-fraction"),
+    (["--fisher-fraction", "0"], "--fisher-fraction 0.0: must be in (0, 1]"),
     (["--model", "./nowhere"], "no config.json"),
 ])
 def test_trpo_bad_input_fails_early_and_writes_nothing(argv, message, tmp_path):
