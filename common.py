@@ -43,6 +43,7 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
     texts: list[str]  # decoded completions, special tokens removed
+    prompt_truncated: torch.Tensor  # [B] bool: the prompt was cut to max_prompt_length (its first tokens dropped)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,15 +55,21 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch
     return mask.long(), ~is_eos.any(1)
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: the argmax, or a draw from softmax(logits / T) cut to
-    the top-p nucleus (the fewest most likely tokens whose probabilities add up to at least top_p)."""
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: the argmax, or a draw from softmax(logits / T) cut to the
+    top_k most likely tokens (0: all), to those at least min_p times as likely as the most likely one,
+    and to the top-p nucleus (the fewest most likely tokens whose probabilities add up to top_p)."""
     if greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
+    if top_k > 0:
+        probs = probs.masked_fill(probs < probs.topk(min(top_k, probs.shape[-1]), -1).values[:, -1:], 0.0)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the nucleus is full before this token
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p * sorted_probs.sum(-1, keepdim=True)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     # Inverse CDF: the first token whose cumulative probability exceeds u·total, u ~ U[0, 1): the same
     # draw as torch.multinomial(probs, 1), which draws one random number per vocabulary entry.
@@ -73,12 +80,17 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False, group_size: int = 1) -> Rollout:
+             top_p: float = 1.0, greedy: bool = False, group_size: int = 1, top_k: int = 0, min_p: float = 0.0,
+             max_prompt_length: int | None = None) -> Rollout:
     """Sample G = group_size completions for each prompt -> a Rollout of len(prompts)·G rows, each
     prompt's G rows next to each other. Each prompt is run once and its key/value cache repeated G
-    times; a row leaves the batch once it has sampled EOS. Greedy output equals `model.generate`'s."""
+    times; a row leaves the batch once it has sampled EOS. Greedy output equals `model.generate`'s.
+    Prompts longer than max_prompt_length tokens keep their last ones (Rollout.prompt_truncated)."""
     enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                     add_special_tokens=False).to(model.device)
+    prompt_truncated = (enc["attention_mask"].sum(1) > (max_prompt_length or math.inf)).repeat_interleave(group_size)
+    if max_prompt_length:  # left padding: the last max_prompt_length columns hold each prompt's last tokens
+        enc = {k: v[:, -max_prompt_length:] for k, v in enc.items()}
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [B, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
     out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, logits_to_keep=1,
@@ -91,7 +103,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     completion_ids = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, device=model.device)
     running, attention_mask = torch.arange(len(prompt_ids), device=model.device), prompt_mask  # rows still decoding
     for t in range(max_new_tokens):
-        next_ids = sample(logits, temperature, top_p, greedy)  # [rows running]
+        next_ids = sample(logits, temperature, top_p, greedy, top_k, min_p)  # [rows running]
         completion_ids[running, t] = next_ids
         going_on = ~torch.isin(next_ids, eos)
         n_going = int(going_on.sum())  # the one host sync of a decode step
@@ -106,12 +118,28 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     completion_ids = completion_ids[:, : t + 1]
     mask, truncated = completion_mask(completion_ids, eos.tolist())
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
 
 
 def rollout_slice(r: Rollout, rows) -> Rollout:
     return Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                   r.truncated[rows], r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows])
+                   r.truncated[rows], r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows],
+                   r.prompt_truncated[rows])
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Several rollouts as one: prompts left-padded and completions right-padded to the longest."""
+    P, T = max(r.prompt_ids.shape[1] for r in rollouts), max(r.completion_ids.shape[1] for r in rollouts)
+
+    def cat(tensors, width, value, left):
+        pad = lambda x: torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]),  # noqa: E731
+                                                value=value)
+        return torch.cat([pad(x) for x in tensors])
+
+    return Rollout(cat([r.prompt_ids for r in rollouts], P, pad_id, True), cat([r.prompt_mask for r in rollouts], P, 0, True),
+                   cat([r.completion_ids for r in rollouts], T, pad_id, False),
+                   cat([r.completion_mask for r in rollouts], T, 0, False), torch.cat([r.truncated for r in rollouts]),
+                   [t for r in rollouts for t in r.texts], torch.cat([r.prompt_truncated for r in rollouts]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,13 +368,14 @@ def rule_rewards(task: str, data: str | None, rows: list[dict], format_weight: f
                                                   if format_weight else {})}
 
 
-def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, rule_weight: float = 1.0) -> None:
-    """Fail early when there is nothing to reward: answers missing, or rules off, and no reward model."""
-    if rule_weight == 0 and reward_model is None:
-        raise SystemExit("--rule-weight 0 leaves no reward: pass --reward-model, or keep the rule rewards")
+def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, rule_weight: float = 1.0,
+                  reward_fn: str | None = None) -> None:
+    """Fail early when there is nothing to reward: answers missing, or rules off, and no other reward."""
+    if rule_weight == 0 and reward_model is None and reward_fn is None:
+        raise SystemExit("--rule-weight 0 leaves no reward: pass --reward-model or --reward-fn, or keep the rule rewards")
     if reward_model is not None and not (Path(reward_model) / REWARD_NORM_FILE).is_file():
         raise SystemExit(f"--reward-model {reward_model}: not a folder written by reward_model.py (no {REWARD_NORM_FILE})")
-    if data is not None and reward_model is None and any(row["answer"] is None for row in rows):
+    if data is not None and reward_model is None and reward_fn is None and any(row["answer"] is None for row in rows):
         raise SystemExit(f"{data}: some lines have no \"answer\" to check; add answers or pass --reward-model")
 
 
@@ -385,14 +414,44 @@ class RewardScorer:
         return (torch.cat(scores).cpu() - self.norm["mean"]) / self.norm["std"]
 
 
+def load_reward_function(spec: str):
+    """`path/to/file.py:function_name` -> (name, function), found before anything loads. The function
+    takes TRL's keyword arguments (prompts, completions, answer: lists) and returns one float per
+    completion, or None where it does not apply."""
+    path, _, name = spec.rpartition(":")
+    if not path or not Path(path).is_file():
+        raise SystemExit(f"--reward-fn {spec}: no file {path!r}; pass path/to/file.py:function_name")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"--reward-fn {spec}: {path} has no function {name!r}")
+    return name, getattr(module, name)
+
+
+def call_reward_function(name: str, fn, rows: list[dict], completions: list[str]) -> torch.Tensor:
+    """fn's rewards [N], NaN where it returned None ("does not apply"); a wrong count or a non-finite value stops the run."""
+    values = fn(prompts=[r["prompt"] for r in rows], completions=completions, answer=[r["answer"] for r in rows])
+    if len(values) != len(completions):
+        raise SystemExit(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
+    if not all(v is None or math.isfinite(v) for v in values):
+        raise SystemExit(f"reward function {name} returned a value that is not finite: {values}")
+    return torch.tensor([math.nan if v is None else float(v) for v in values])
+
+
 def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_weight: float = 1.0,
-                    scorer: RewardScorer | None = None, scorer_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the rule rewards and the reward-model score -> ([N], {name: [N]})."""
+                    scorer: RewardScorer | None = None, scorer_weight: float = 1.0,
+                    functions: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Weighted sum of the rule rewards, the reward-model score and the user's reward functions
+    ({name: (fn, weight)}; None counts 0) -> ([N], {name: [N]})."""
     parts = {name: (torch.tensor([fn(c, r["answer"]) for r, c in zip(rows, completions)]), rule_weight * weight)
              for name, (fn, weight) in rules.items()} if rule_weight != 0 else {}
     if scorer is not None:
         parts["reward_model"] = (scorer([r["prompt"] for r in rows], completions), scorer_weight)
-    total = sum(weight * values for values, weight in parts.values())
+    for name, (fn, weight) in (functions or {}).items():  # NaN where the function said None: counts 0
+        parts[name] = (call_reward_function(name, fn, rows, completions), weight)
+    total = sum(weight * (values.nan_to_num(0.0) if name in (functions or {}) else values)
+                for name, (values, weight) in parts.items())
     return total.float(), {name: values for name, (values, _) in parts.items()}
 
 
@@ -406,7 +465,7 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int,
             texts += generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]], max_new_tokens,
                               greedy=True).texts
     total, parts = reward_fn(rows, texts)
-    return {"reward": total.mean().item(), **{k: v.mean().item() for k, v in parts.items()}}
+    return {"reward": total.mean().item(), **{k: v.nanmean().item() for k, v in parts.items()}}
 
 
 # ==============================================================================================
@@ -700,6 +759,17 @@ def replica_spread(model) -> float:
     parts = [torch.empty_like(checksum) for _ in range(world_size())]
     torch.distributed.all_gather(parts, checksum)
     return (max(parts) - min(parts)).item()
+
+
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, steps: int):
+    """Linear warmup from 0 over warmup_steps, then constant, or linear or cosine decay to 0 at `steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+        return {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def check_ranges(args, ranges: dict[str, str]) -> None:

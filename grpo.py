@@ -50,6 +50,10 @@ class Args:
     """weight of the task's rule rewards in the total reward (0: reward model alone)"""
     format_weight: float = 0.0
     """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
+    reward_fn: str | None = None
+    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn in the total reward"""
     steps: int = 100
     """number of training steps (one batch of rollouts each)"""
     prompts_per_step: int = 4
@@ -61,11 +65,29 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1 (1: off). Ratios and KL use the full softmax, as TRL's do"""
+    top_k: int = 0
+    """sample among the k most likely tokens only (0: off)"""
+    min_p: float = 0.0
+    """sample among tokens at least min_p times as likely as the most likely one (0: off)"""
+    max_prompt_length: int | None = None
+    """keep the last this many tokens of longer prompts (None: all); the count is logged"""
     lr: float = 5e-6
     """AdamW learning rate (the paper uses 1e-6 for 7B models; 5e-6 suits the 135M default)"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning rate after the warmup: constant, or decaying to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warmup from 0"""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (torch's default, 0.01; TRL's is 0)"""
+    adam_beta1: float = 0.9
+    """AdamW β1"""
+    adam_beta2: float = 0.999
+    """AdamW β2"""
     beta: float = 0.04
-    """β: weight of the k3 KL penalty to the reference model (paper: 0.04; 0 skips the reference pass)"""
+    """β: weight of the KL penalty to the reference model (paper: 0.04; 0 skips the reference pass)"""
+    kl_estimator: Literal["k3", "k1", "k3_ratio", "none"] = "k3"
+    """the KL term in the loss: k3 (paper), k1, k3 weighted by π_θ/π_old (DeepSeek-V3.2), none (see kl_penalty)"""
     epsilon: float = 0.2
     """ε: lower clip of the ratio, 1-ε (0 < ε < 1)"""
     epsilon_high: float | None = None
@@ -76,6 +98,16 @@ class Args:
     """rows per forward/backward pass; gradients are accumulated over the batch, which bounds memory"""
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     """aggregation: per-sequence mean (paper), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """the ratio per token (paper), or one per completion, the geometric mean of its token ratios (GSPO)"""
+    dynamic_sampling: bool = False
+    """DAPO: replace groups whose rewards are all equal (no gradient) with freshly sampled ones"""
+    dynamic_sampling_rounds: int = 4
+    """with --dynamic-sampling: at most this many generation rounds per step; then equal-reward groups fill the batch"""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: 0 up to max_new_tokens − buffer tokens, then down to −1 (0: off)"""
+    mask_truncated_completions: bool = False
+    """leave completions without EOS out of the loss (DAPO, TRL's mask_truncated_completions)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide advantages by the group's std (paper), the batch's std, or not at all (Dr. GRPO)"""
     max_grad_norm: float = 1.0
@@ -112,33 +144,54 @@ class Args:
 # The math: pure functions of tensors.
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     batch_std: float | None = None) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps); rewards [B] with each group contiguous -> [B].
 
     A group whose rewards are all equal gets A = 0 (eps keeps 0/0 away). scale="batch" divides by the
-    std of the whole batch, "none" not at all (Dr. GRPO)."""
+    std of the whole batch (batch_std: over all processes; default this batch's), "none" not at all (Dr. GRPO)."""
     grouped = rewards.view(-1, group_size)  # [B/G, G]
     advantages = grouped - grouped.mean(1, keepdim=True)
     if scale == "group":
         advantages = advantages / (grouped.std(1, keepdim=True) + eps)
     elif scale == "batch":
-        advantages = advantages / (rewards.std() + eps)
+        advantages = advantages / ((rewards.std() if batch_std is None else batch_std) + eps)
     return advantages.view(-1)
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL_t = π_ref/π_θ - log(π_ref/π_θ) - 1 per token (Schulman's k3: unbiased for KL(π_θ‖π_ref), ≥ 0)."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to max_new_tokens − buffer
+    tokens, then falling linearly to −1 at max_new_tokens. lengths [B] -> [B]."""
+    return ((max_new_tokens - buffer - lengths.float()) / buffer).clamp(-1.0, 0.0)
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, beta: float, epsilon: float,
-              epsilon_high: float, loss_type: str, max_new_tokens: int, num_rows: int | None = None,
-              num_tokens=None):
+def kl_penalty(logprobs, ref_logprobs, old_logprobs, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) at the sampled tokens [B, T], for the loss. With r = π_ref/π_θ
+    (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
+      k1:       −log r                 unbiased in value, but E_π[∇ log π] = 0: as a loss term it pulls nowhere on average
+      k3:       r − log r − 1          the GRPO paper's: ≥ 0, unbiased and low-variance for tokens sampled from π_θ
+      k3_ratio: (π_θ/π_old)(r − log r − 1)   DeepSeek-V3.2's: k3 importance-weighted to the tokens π_old sampled"""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    k3 = torch.exp(log_r) - log_r - 1
+    if estimator == "k3":
+        return k3
+    if estimator == "k3_ratio":
+        return torch.exp(logprobs - old_logprobs) * k3
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def grpo_loss(logprobs, old_logprobs, advantages, mask, *, kl=None, beta: float, epsilon: float, epsilon_high: float,
+              loss_type: str, max_new_tokens: int, importance_sampling_level: str = "token",
+              num_rows: int | None = None, num_tokens=None):
     """The negated GRPO objective over a batch -> (loss, stats).
 
-    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B]. ref_logprobs may be None
-    when beta = 0. Per token: l_it = -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) + β KL_it. Then
+    logprobs, old_logprobs, mask: [B, T]; advantages: [B]; kl: the per-token KL estimate [B, T]
+    (kl_penalty), or None for no KL term. Per token:
+      l_it = -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) + β KL_it,   ρ_it = π_θ/π_old (token level),
+    or at sequence level (GSPO, arXiv 2507.18071) one ratio per completion, ρ_i = exp(mean_t log ρ_it),
+    clipped as a whole. Then
       grpo:    (1/N) Σ_i (1/|o_i|) Σ_t l_it
       dr_grpo: 1/(N·T_max) Σ_i Σ_t l_it
       dapo:    (1/Σ_i |o_i|) Σ_i Σ_t l_it
@@ -148,13 +201,14 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, beta: f
     n_real = real.sum().clamp(min=1)
     num_rows = num_rows or mask.shape[0]
     num_tokens = num_tokens or n_real
-    ratio = torch.exp(logprobs - old_logprobs)  # ρ_it
+    log_ratio = torch.where(real, logprobs - old_logprobs, 0.0)
+    if importance_sampling_level == "sequence":  # the geometric mean of the token ratios, at every token
+        log_ratio = (log_ratio.sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)  # ρ
     A = advantages[:, None]
     per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
     stats = {}
-    if beta != 0:
-        log_ratio = ref_logprobs - logprobs  # k3: π_ref/π_θ - log(π_ref/π_θ) - 1 (k3_kl above)
-        kl = torch.exp(log_ratio) - log_ratio - 1
+    if kl is not None:
         per_token = per_token + beta * kl
         stats["kl"] = torch.where(real, kl, 0.0).sum().detach() / n_real
     per_token = torch.where(real, per_token, 0.0)  # not per_token * mask: a NaN after the EOS stays out
@@ -182,7 +236,10 @@ RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "f
           "temperature": "(0, inf)", "top_p": "(0, 1]", "lr": "(0, inf)", "beta": "[0, inf)", "epsilon": "(0, 1)",
           "epsilon_high": "(0, inf)", "num_iterations": "[1, inf)", "minibatch_size": "[1, inf)",
           "max_grad_norm": "(0, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)",
-          "save_interval": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+          "save_interval": "[1, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)", "reward_fn_weight": "[-inf, inf]",
+          "top_k": "[0, inf)", "min_p": "[0, 1)", "max_prompt_length": "[1, inf)", "warmup_steps": "[0, inf)",
+          "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "dynamic_sampling_rounds": "[1, inf)",
+          "overlong_buffer": "[0, inf)"}
 MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
 
 
@@ -201,6 +258,8 @@ def check_args(args: Args) -> None:
                          f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
     if args.lora_merge and not args.lora_rank:
         raise SystemExit("--lora-merge needs --lora-rank > 0")
+    if args.overlong_buffer > args.max_new_tokens:
+        raise SystemExit(f"--overlong-buffer {args.overlong_buffer} is longer than --max-new-tokens {args.max_new_tokens}")
 
 
 def main(args: Args) -> Path:
@@ -210,7 +269,8 @@ def main(args: Args) -> Path:
         args, state = common.resume(args, "grpo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
+    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
     run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
@@ -227,15 +287,20 @@ def main(args: Args) -> Path:
     if args.lora_rank:
         model = common.add_lora(model, args.lora_rank, args.lora_alpha)
     # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
-    ref_model = None if args.beta == 0 else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
+    no_kl = args.beta == 0 or args.kl_estimator == "none"
+    ref_model = None if no_kl else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
-                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
+                                  scorer_weight=args.reward_model_weight,  # (rows, completions) -> (total, parts)
+                                  functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one pass, no temporaries
+    scheduler = common.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
     G, n_prompts = args.group_size, args.prompts_per_step // world
     batch_size = n_prompts * G
@@ -247,6 +312,7 @@ def main(args: Args) -> Path:
     if state is not None:  # --resume: the weights, the optimizer and every random state of the last checkpoint
         common.load_weights(model, run_dir / "checkpoint")
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         common.set_rng_states(state["rng"], rng)
         first_step = state["step"] + 1
     writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
@@ -267,7 +333,7 @@ def main(args: Args) -> Path:
     def save(step):  # collective under torchrun (every process's random state); rank 0 writes
         saved[0] = step
         training = {"script": "grpo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "rng": common.rng_states(rng)}
+                    "scheduler": scheduler.state_dict(), "rng": common.rng_states(rng)}
         if rank == 0:
             common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.TRAINING_STATE: training})
             if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
@@ -282,32 +348,62 @@ def main(args: Args) -> Path:
         bar = tqdm(range(first_step, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0,
                    initial=first_step - 1, total=args.steps)
         for step in bar:
-            # --- 1. rollouts: G completions for each of prompts_per_step prompts ---
+            # --- 1. rollouts: G completions for each of prompts_per_step prompts, and their rewards ---
+            # --dynamic-sampling (DAPO §3.2): a group whose rewards are all equal has A = 0 and no gradient;
+            # such groups are set aside and fresh ones drawn, for up to --dynamic-sampling-rounds rounds.
             t0 = time.time()
-            picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
-            rows = [train_rows[i] for i in picks for _ in range(G)]  # groups are contiguous
-            with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
-                                          args.max_new_tokens, args.temperature, args.top_p, group_size=G)
+            groups, drawn = [], 0  # groups: (informative, rows, rollout, rewards, parts), one group each
+            for _ in range(args.dynamic_sampling_rounds if args.dynamic_sampling else 1):
+                picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
+                with common.autocast(device, args.dtype):
+                    drawn_rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
+                                                    args.max_new_tokens, group_size=G,
+                                                    max_prompt_length=args.max_prompt_length, **sampling)
+                drawn_rows = [train_rows[i] for i in picks for _ in range(G)]  # groups are contiguous
+                drawn_rewards, drawn_parts = reward_fn(drawn_rows, drawn_rollout.texts)
+                if args.overlong_buffer:
+                    lengths = drawn_rollout.completion_mask.sum(1).cpu()
+                    drawn_parts["overlong"] = overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer)
+                    drawn_rewards = drawn_rewards + drawn_parts["overlong"]
+                for g in range(n_prompts):
+                    rows_g = slice(g * G, (g + 1) * G)
+                    groups.append((bool(drawn_rewards[rows_g].std() > 0), drawn_rows[rows_g],
+                                   common.rollout_slice(drawn_rollout, rows_g), drawn_rewards[rows_g],
+                                   {k: v[rows_g] for k, v in drawn_parts.items()}))
+                drawn += n_prompts
+                if sum(g[0] for g in groups) >= n_prompts:
+                    break
+            if args.dynamic_sampling:  # the informative groups first, in the order drawn
+                groups = sorted(groups, key=lambda g: not g[0])[:n_prompts]
+            rows = [row for g in groups for row in g[1]]
+            rollout = common.concat_rollouts([g[2] for g in groups], tokenizer.pad_token_id)
+            rewards = torch.cat([g[3] for g in groups])  # [B]
+            parts = {k: torch.cat([g[4][k] for g in groups]) for k in groups[0][4]}
             mask = rollout.completion_mask  # [B, T]
+            # the loss's mask: without the completions that never ended, with --mask-truncated-completions
+            loss_mask = mask * ~rollout.truncated[:, None] if args.mask_truncated_completions else mask
             gen_seconds = time.time() - t0
 
-            # --- 2. rewards and group advantages ---
-            rewards, parts = reward_fn(rows, rollout.texts)
-            advantages = group_advantages(rewards, G, args.scale_rewards).to(device)  # [B]
+            # --- 2. group advantages ---
+            batch_std = None
+            if args.scale_rewards == "batch":  # the std of the whole batch, over all processes
+                n, mean = len(rewards) * world, common.all_mean(rewards.mean())
+                batch_std = (common.all_mean(((rewards - mean) ** 2).mean()) * n / (n - 1)).sqrt()
+            advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std).to(device)  # [B]
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
             t1 = time.time()
-            with torch.no_grad(), common.autocast(device, args.dtype), common.adapters_off(ref_model):
-                ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
-                                                           group_size=shared) if ref_model is not None else None)
+            with torch.no_grad(), common.autocast(device, args.dtype):
+                with common.adapters_off(ref_model):  # with LoRA: the same network, adapters off
+                    ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
+                                                               group_size=shared) if ref_model is not None else None)
                 old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
                                                            group_size=shared) if args.num_iterations > 1 else None)
 
             # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
             # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's
             # average of the per-process gradients is then the whole batch's gradient.
-            num_tokens = common.all_mean(mask.sum().float())
+            num_tokens = common.all_mean(loss_mask.sum().float())
             stats = []
             for _ in range(args.num_iterations):
                 optimizer.zero_grad()
@@ -322,16 +418,19 @@ def main(args: Args) -> Path:
                                                                        group_size=shared)  # [b, T] each
                         # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
                         old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
-                        ref = None if ref_logprobs is None else ref_logprobs[rows_mb]
-                        loss, s = grpo_loss(logprobs, old, ref, advantages[rows_mb], mb.completion_mask,
+                        kl = None if no_kl else kl_penalty(logprobs, ref_logprobs[rows_mb], old, args.kl_estimator)
+                        loss, s = grpo_loss(logprobs, old, advantages[rows_mb], loss_mask[rows_mb], kl=kl,
                                             beta=args.beta, epsilon=args.epsilon, epsilon_high=epsilon_high,
                                             loss_type=args.loss_type, max_new_tokens=args.max_new_tokens,
+                                            importance_sampling_level=args.importance_sampling_level,
                                             num_rows=batch_size, num_tokens=num_tokens)
                         loss.backward()
                     stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # this step's
+            scheduler.step()
             update_seconds = time.time() - t1
 
             # --- 5. logging (each figure is this process's, then averaged over processes) ---
@@ -345,8 +444,9 @@ def main(args: Args) -> Path:
                 "advantage/abs_max": advantages.abs().max(),
                 "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
                 "completion/length_max": lengths.max(), "completion/truncated": rollout.truncated.float().mean(),
+                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(), "sampling/groups_drawn": drawn,
                 **{f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
-                "train/grad_norm": grad_norm, "train/lr": optimizer.param_groups[0]["lr"],
+                "train/grad_norm": grad_norm, "train/lr": lr,
                 "time/generation_s": gen_seconds, "time/update_s": update_seconds,
                 "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,

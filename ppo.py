@@ -52,6 +52,10 @@ class Args:
     """weight of the task's rule rewards in the total score (0: reward model alone)"""
     format_weight: float = 0.0
     """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
+    reward_fn: str | None = None
+    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn in the total score"""
     steps: int = 100
     """number of iterations (one batch of rollouts each)"""
     prompts_per_step: int = 16
@@ -61,9 +65,25 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1 (1: off). Ratios and KL use the full softmax, as TRL's do"""
+    top_k: int = 0
+    """sample among the k most likely tokens only (0: off)"""
+    min_p: float = 0.0
+    """sample among tokens at least min_p times as likely as the most likely one (0: off)"""
+    max_prompt_length: int | None = None
+    """keep the last this many tokens of longer prompts (None: all); the share is logged"""
     lr: float = 2e-6
     """AdamW learning rate (policy and value head)"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning rate after the warmup: constant, or decaying to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warmup from 0"""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (torch's default, 0.01; TRL's is 0)"""
+    adam_beta1: float = 0.9
+    """AdamW β1"""
+    adam_beta2: float = 0.999
+    """AdamW β2"""
     beta: float = 0.05
     """β: KL-penalty coefficient in the per-token reward (initial value when --adaptive-kl)"""
     adaptive_kl: bool = False
@@ -232,7 +252,9 @@ RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "f
           "gamma": "[0, 1]", "lam": "[0, 1]", "ppo_epochs": "[1, inf)", "num_minibatches": "[1, inf)",
           "cliprange": "(0, 1)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)", "missing_eos_penalty": "[-inf, inf]",
           "max_grad_norm": "(0, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)",
-          "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+          "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)",
+          "reward_fn_weight": "[-inf, inf]", "top_k": "[0, inf)", "min_p": "[0, 1)", "max_prompt_length": "[1, inf)",
+          "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)"}
 MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
 
 
@@ -257,7 +279,8 @@ def main(args: Args) -> Path:
         args, state = common.resume(args, "ppo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
+    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
     run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
@@ -283,9 +306,14 @@ def main(args: Args) -> Path:
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
-                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
+                                  scorer_weight=args.reward_model_weight,  # (rows, completions) -> (total, parts)
+                                  functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                    max_prompt_length=args.max_prompt_length)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)  # fused: one pass, no temporaries
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, fused=True)  # fused: one pass, no temporaries
+    scheduler = common.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)  # stepped once a step
     # Each process samples its own prompts_per_step / world prompts (seed + rank) and whitens its
     # own advantages; β stays the same everywhere because the KL that adapts it is averaged.
     B, beta = args.prompts_per_step // world, args.beta
@@ -296,6 +324,7 @@ def main(args: Args) -> Path:
         common.load_weights(model, run_dir / "checkpoint")
         value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         common.set_rng_states(state["rng"], rng)
         first_step, beta = state["step"] + 1, state["beta"]
     writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
@@ -316,7 +345,7 @@ def main(args: Args) -> Path:
     def save(step):  # collective under torchrun (every process's random state); rank 0 writes
         saved[0] = step
         training = {"script": "ppo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "beta": beta, "rng": common.rng_states(rng)}
+                    "scheduler": scheduler.state_dict(), "beta": beta, "rng": common.rng_states(rng)}
         if rank == 0:
             value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
             common.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
@@ -338,8 +367,7 @@ def main(args: Args) -> Path:
             t0 = time.time()
             rows = [train_rows[i] for i in torch.randint(len(train_rows), (B,), generator=rng).tolist()]
             with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
-                                          args.temperature, args.top_p)
+                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens, **sampling)
             mask = rollout.completion_mask  # [B, T]
             gen_seconds = time.time() - t0
 
@@ -389,6 +417,8 @@ def main(args: Args) -> Path:
                                   "value/clipfrac": vf_stats["clipfrac"], "policy/entropy": common.masked_mean(
                                       entropy.detach(), mb.completion_mask), "train/grad_norm": grad_norm,
                                   **{f"policy/{k}": v for k, v in pg_stats.items()}})
+            lr = scheduler.get_last_lr()[0]  # this step's
+            scheduler.step()
             update_seconds = time.time() - t1
 
             # --- 6. statistics (each figure is this process's, then averaged over processes) ---
@@ -404,7 +434,8 @@ def main(args: Args) -> Path:
                 **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
                 "value/explained_variance": explained_variance(old_values, returns, mask),
                 "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
-                "train/lr": optimizer.param_groups[0]["lr"], "time/generation_s": gen_seconds,
+                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
+                "train/lr": lr, "time/generation_s": gen_seconds,
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
             }

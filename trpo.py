@@ -60,6 +60,10 @@ class Args:
     """weight of the task's rule rewards in the total score (0: reward model alone)"""
     format_weight: float = 0.0
     """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
+    reward_fn: str | None = None
+    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn in the total score"""
     steps: int = 100
     """number of iterations (one batch of rollouts and one trust-region step each)"""
     prompts_per_step: int = 16
@@ -71,7 +75,13 @@ class Args:
     temperature: float = 1.0
     """sampling temperature; log-probabilities use the same temperature"""
     top_p: float = 1.0
-    """nucleus sampling, 0 < top_p ≤ 1; 1.0 samples from the full distribution"""
+    """nucleus sampling, 0 < top_p ≤ 1 (1: off). Ratios and KL use the full softmax, as TRL's do"""
+    top_k: int = 0
+    """sample among the k most likely tokens only (0: off)"""
+    min_p: float = 0.0
+    """sample among tokens at least min_p times as likely as the most likely one (0: off)"""
+    max_prompt_length: int | None = None
+    """keep the last this many tokens of longer prompts (None: all); the share is logged"""
     advantage: Literal["gae", "group"] = "gae"
     """`gae`: value head + GAE on the KL-penalised reward; `group`: z-score of the score within each group"""
     beta: float = 0.05
@@ -326,7 +336,8 @@ RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "f
           "missing_eos_penalty": "[-inf, inf]", "max_kl": "(0, inf)", "cg_iters": "[1, inf)", "cg_damping": "[0, inf)",
           "line_search_steps": "[1, inf)", "line_search_shrink": "(0, 1)", "fisher_fraction": "(0, 1]",
           "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)",
-          "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)"}
+          "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)",
+          "reward_fn_weight": "[-inf, inf]", "top_k": "[0, inf)", "min_p": "[0, 1)", "max_prompt_length": "[1, inf)"}
 MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
 
 
@@ -348,7 +359,8 @@ def main(args: Args) -> Path:
         args, state = common.resume(args, "trpo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight)
+    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
     common.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
     run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
@@ -374,7 +386,10 @@ def main(args: Args) -> Path:
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
-                                  scorer_weight=args.reward_model_weight)  # (rows, completions) -> (total, parts)
+                                  scorer_weight=args.reward_model_weight,  # (rows, completions) -> (total, parts)
+                                  functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                    max_prompt_length=args.max_prompt_length)
     # Under torchrun each process samples prompts_per_step / world prompts (seed + rank).
     G, n_prompts = args.group_size, args.prompts_per_step // world
     rng = torch.Generator().manual_seed(args.seed + rank)
@@ -425,7 +440,7 @@ def main(args: Args) -> Path:
             rows = [train_rows[i] for i in picks for _ in range(G)]
             with common.autocast(device, args.dtype):
                 rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
-                                          args.max_new_tokens, args.temperature, args.top_p, group_size=G)
+                                          args.max_new_tokens, group_size=G, **sampling)
             mask = rollout.completion_mask  # [B, T]
             scores, parts = reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:
@@ -469,6 +484,7 @@ def main(args: Args) -> Path:
                 "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
                 "trpo/cg_residual": result["cg_residual"], "trpo/grad_norm": result["grad_norm"],
                 "value/loss": value_loss, "completion/length_mean": lengths.mean(),
+                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
                 "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
                 "time/generation_s": gen_seconds, "time/cg_s": result["cg_s"],
                 "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,

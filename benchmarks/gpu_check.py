@@ -141,7 +141,8 @@ def scoring_passes(folder: str) -> list[dict]:
         lengths = torch.randint(completion_len // 4, completion_len + 1, (n_rows,), generator=g)
         mask = (torch.arange(completion_len)[None] < lengths[:, None]).long()
         rollout = common.Rollout(prompt_ids.to(DEVICE), torch.ones_like(prompt_ids).to(DEVICE), completion_ids.to(DEVICE),
-                                 mask.to(DEVICE), torch.zeros(n_rows, dtype=torch.bool, device=DEVICE), [""] * n_rows)
+                                 mask.to(DEVICE), torch.zeros(n_rows, dtype=torch.bool, device=DEVICE), [""] * n_rows,
+                                 torch.zeros(n_rows, dtype=torch.bool, device=DEVICE))
         ids = rollout.completion_ids[rollout.completion_mask.bool()]
         for layout, forward in [("packed", lambda: common.forward_completion(model, rollout, group)),
                                 ("padded", lambda: padded_forward_completion(model, rollout))]:

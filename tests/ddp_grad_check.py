@@ -31,8 +31,8 @@ ddp_model = torch.nn.parallel.DistributedDataParallel(model)
 def gradient(m, rows, num_tokens, loss_type, group_size):
     mb = common.rollout_slice(rollout, rows)
     logprobs = common.completion_logprobs(m, mb, 1.0, group_size=group_size)
-    loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), ref_logprobs[rows], advantages[rows], mb.completion_mask,
-                             beta=0.04, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, max_new_tokens=6,
+    kl = grpo.kl_penalty(logprobs, ref_logprobs[rows], logprobs.detach())
+    loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages[rows], mb.completion_mask, kl=kl, beta=0.04, epsilon=0.2, epsilon_high=0.2, loss_type=loss_type, max_new_tokens=6,
                              num_rows=len(rows), num_tokens=num_tokens)
     model.zero_grad()
     loss.backward()

@@ -20,7 +20,8 @@ def scalars(run_dir, tag):
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+    # by step: a resumed run's second event file may sort first (same second, same process: a name counter 10 < 9)
+    return [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
 
 
 def run_script(script, *argv, cwd):
@@ -48,8 +49,43 @@ def test_group_advantages_zero_std_group_gives_zero_not_nan():
 
 def test_k3_is_nonnegative_and_zero_when_policies_agree():
     logprobs, ref_logprobs = torch.randn(1000) - 2, torch.randn(1000) - 2
-    assert (grpo.k3_kl(logprobs, ref_logprobs) >= 0).all()
-    assert grpo.k3_kl(logprobs, logprobs).abs().max() == 0
+    assert (grpo.kl_penalty(logprobs, ref_logprobs, logprobs) >= 0).all()
+    assert grpo.kl_penalty(logprobs, logprobs, logprobs).abs().max() == 0
+
+
+def test_each_kl_estimator_has_its_formula_in_value_and_gradient():
+    logprobs = torch.tensor([-1.0, -2.0], requires_grad=True)
+    ref, old = torch.tensor([-1.5, -1.0]), torch.tensor([-1.2, -2.5])
+    r, rho = (ref - logprobs).exp().detach(), (logprobs - old).exp().detach()  # π_ref/π_θ, π_θ/π_old
+    k3 = r - (ref - logprobs.detach()) - 1
+    expected = {  # (value, d value / d log π_θ)
+        "k1": (logprobs.detach() - ref, torch.ones(2)),
+        "k3": (k3, 1 - r),
+        "k3_ratio": (rho * k3, rho * k3 + rho * (1 - r)),  # d(ρ k3) = ρ k3 + ρ (1 − r)
+    }
+    for estimator, (value, grad) in expected.items():
+        kl = grpo.kl_penalty(logprobs, ref, old, estimator)
+        (got,) = torch.autograd.grad(kl.sum(), logprobs)
+        torch.testing.assert_close(kl.detach(), value)
+        torch.testing.assert_close(got, grad)
+
+
+def test_sequence_level_ratio_is_the_geometric_mean_clipped_per_sequence():
+    """GSPO: one ratio per completion, exp(mean_t log ρ_t), at every one of its tokens."""
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.3, 0.0, 0.9], [0.1, -0.1, 5.0]])  # row 1: its third token is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    args = dict(beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="grpo", max_new_tokens=3,
+                importance_sampling_level="sequence")
+    loss, stats = grpo.grpo_loss(new, old, torch.tensor([1.0, 1.0]), mask, **args)
+    s0, s1 = torch.tensor(0.4).exp(), torch.tensor(0.0).exp()  # exp(1.2 / 3) = 1.49 is clipped to 1.2; exp(0) = 1
+    assert loss.item() == pytest.approx(-(min(s0.item(), 1.2) + s1.item()) / 2)
+    assert stats["clip_high"].item() == pytest.approx(3 / 5)  # the three tokens of row 0, of five real ones
+
+
+def test_overlong_penalty_is_zero_then_falls_linearly_to_minus_one():
+    lengths = torch.tensor([10, 24, 28, 32])
+    torch.testing.assert_close(grpo.overlong_penalty(lengths, 32, 8), torch.tensor([0.0, 0.0, -0.5, -1.0]))
 
 
 # Two completions, T = 3: row 0 has 2 real tokens, row 1 one. Ratio 1, so l_it = -A_i.
@@ -64,7 +100,7 @@ ADV = torch.tensor([2.0, -1.0])
 ])
 def test_loss_aggregation_matches_hand_computation(loss_type, expected):
     logprobs = torch.randn(2, 3)
-    loss, _ = grpo.grpo_loss(logprobs, logprobs, None, ADV, MASK, beta=0.0, epsilon=0.2, epsilon_high=0.2,
+    loss, _ = grpo.grpo_loss(logprobs, logprobs, ADV, MASK, beta=0.0, epsilon=0.2, epsilon_high=0.2,
                              loss_type=loss_type, max_new_tokens=4)
     assert loss.item() == pytest.approx(expected)
 
@@ -73,7 +109,8 @@ def test_loss_clips_the_ratio_and_adds_beta_times_k3():
     old = torch.zeros(1, 1)
     new = torch.log(torch.tensor([[1.5]]))  # ratio 1.5 > 1 + ε_high
     ref = torch.log(torch.tensor([[0.5]]))
-    loss, stats = grpo.grpo_loss(new, old, ref, torch.tensor([1.0]), torch.ones(1, 1), beta=0.1, epsilon=0.2,
+    kl = grpo.kl_penalty(new, ref, old)
+    loss, stats = grpo.grpo_loss(new, old, torch.tensor([1.0]), torch.ones(1, 1), kl=kl, beta=0.1, epsilon=0.2,
                                  epsilon_high=0.3, loss_type="grpo", max_new_tokens=1)
     kl = 0.5 / 1.5 - torch.log(torch.tensor(0.5 / 1.5)) - 1
     assert loss.item() == pytest.approx(-1.3 + 0.1 * kl.item())
@@ -88,8 +125,9 @@ def test_minibatch_losses_add_up_to_the_batch_loss(loss_type):
     mask[:, 0] = 1
     adv = torch.randn(6)
     args = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, max_new_tokens=5)
-    whole, _ = grpo.grpo_loss(logprobs, old, ref, adv, mask, **args)
-    parts = sum(grpo.grpo_loss(logprobs[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], **args,
+    kl = grpo.kl_penalty(logprobs, ref, old)
+    whole, _ = grpo.grpo_loss(logprobs, old, adv, mask, kl=kl, **args)
+    parts = sum(grpo.grpo_loss(logprobs[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], kl=kl[i:i + 2], **args,
                                num_rows=6, num_tokens=mask.sum())[0] for i in range(0, 6, 2))
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
 
@@ -193,3 +231,65 @@ def test_grpo_with_lora_learns_the_letter_reward_and_saves_adapters_and_a_merged
     for (name, a), b, c in zip(merged.named_parameters(), adapted.parameters(), base_again.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert any(not torch.equal(a, c) for a, c in zip(merged.parameters(), base_again.parameters()))
+
+
+REWARDS_PY = '''
+def by_parity(prompts, completions, answer, **kwargs):
+    """0 for every completion of a prompt with an even number (a group with no gradient), else the length."""
+    return [0.0 if int(p.split()[-1].rstrip(".")) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def not_for_odd(prompts, completions, **kwargs):
+    return [None if int(p.split()[-1].rstrip(".")) % 2 else 1.0 for p in prompts]
+
+
+def too_few(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def infinite(prompts, completions, **kwargs):
+    return [float("inf")] * len(completions)
+'''
+
+
+def test_reward_fn_end_to_end_and_dynamic_sampling_fills_the_batch_with_informative_groups(llama_folder, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS_PY)
+    runs = {}
+    for dynamic in (False, True):
+        args = grpo.Args(model=llama_folder, task="letter", steps=3, prompts_per_step=4, group_size=2, max_new_tokens=6,
+                         reward_fn=f"{tmp_path / 'rewards.py'}:by_parity", rule_weight=0.0, dynamic_sampling=dynamic,
+                         dynamic_sampling_rounds=8, eval_prompts=4, output_dir=str(tmp_path), run_name=str(dynamic))
+        runs[dynamic] = grpo.main(args)
+    assert len(scalars(runs[False], "reward/by_parity")) == 3  # logged under the function's name
+    assert sum(scalars(runs[False], "reward/zero_std_groups")) > 0  # the even prompts' groups
+    assert scalars(runs[True], "reward/zero_std_groups") == [0.0, 0.0, 0.0]
+    assert all(n > 4 for n in scalars(runs[True], "sampling/groups_drawn"))  # more groups were drawn than kept
+
+
+def test_reward_fn_none_counts_zero_and_its_errors_name_the_function(llama_folder, tmp_path):
+    (tmp_path / "rewards.py").write_text(REWARDS_PY)
+    rows = [{"prompt": "Say it 1.", "answer": None}, {"prompt": "Say it 2.", "answer": None}]
+    name, fn = common.load_reward_function(f"{tmp_path / 'rewards.py'}:not_for_odd")
+    total, parts = common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 2.0)})
+    assert total.tolist() == [0.0, 2.0] and parts["not_for_odd"][0].isnan()
+    for spec, message in [(f"{tmp_path}/nowhere.py:f", "no file"), (f"{tmp_path / 'rewards.py'}:nope", "no function 'nope'")]:
+        with pytest.raises(SystemExit, match=message):
+            common.load_reward_function(spec)
+    for function, message in [("too_few", "too_few returned 1 values for 2 completions"),
+                              ("infinite", "infinite returned a value that is not finite")]:
+        name, fn = common.load_reward_function(f"{tmp_path / 'rewards.py'}:{function}")
+        with pytest.raises(SystemExit, match=message):
+            common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})
+
+
+def test_grpo_variants_run_end_to_end(llama_folder, tmp_path):
+    """GSPO's sequence ratio, DAPO's token mean with ε_high and overlong penalty, k3_ratio, a schedule, top-k/min-p."""
+    args = grpo.Args(model=llama_folder, task="letter", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                     num_iterations=2, importance_sampling_level="sequence", loss_type="dapo", epsilon_high=0.28,
+                     overlong_buffer=4, mask_truncated_completions=True, kl_estimator="k3_ratio", scale_rewards="batch",
+                     lr_schedule="cosine", warmup_steps=1, top_k=50, min_p=0.05, max_prompt_length=8, eval_prompts=4,
+                     output_dir=str(tmp_path), run_name="variants")
+    run_dir = grpo.main(args)
+    assert len(scalars(run_dir, "reward/overlong")) == 2 and all(v > 0 for v in scalars(run_dir, "completion/prompts_truncated"))
+    lrs = scalars(run_dir, "train/lr")
+    assert lrs[0] == pytest.approx(5e-6 / 2)  # the warmup's first step

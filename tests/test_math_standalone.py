@@ -25,9 +25,11 @@ KL_GRAD = torch.autograd.grad((P**4).sum(), [P], create_graph=True)[0]  # Hessia
 
 CALLS = {  # function: (args, kwargs)
     grpo.group_advantages: ((torch.tensor([1.0, 0.0, 0.5, 0.5]), 2), {}),
-    grpo.k3_kl: ((LOGP, REF), {}),
-    grpo.grpo_loss: ((LOGP, OLD, REF, ADV_SEQ, MASK), dict(beta=0.04, epsilon=0.2, epsilon_high=0.28,
-                                                          loss_type="grpo", max_new_tokens=4)),
+    grpo.overlong_penalty: ((torch.tensor([2, 3, 4]), 4, 2), {}),
+    grpo.kl_penalty: ((LOGP, REF, OLD, "k3_ratio"), {}),
+    grpo.grpo_loss: ((LOGP, OLD, ADV_SEQ, MASK), dict(kl=REF.exp(), beta=0.04, epsilon=0.2, epsilon_high=0.28,
+                                                     loss_type="grpo", max_new_tokens=4,
+                                                     importance_sampling_level="sequence")),
     ppo.whiten: ((VALUES, MASK), {"shift_mean": False}),
     ppo.per_token_rewards: ((LOGP, REF, ADV_SEQ, MASK), {"beta": 0.1}),
     ppo.gae: ((ADV_TOK, VALUES, MASK), {"gamma": 0.9, "lam": 0.95}),

@@ -105,7 +105,8 @@ def test_ppo_runs_end_to_end_and_the_value_head_reloads(arch, gpt2_folder, llama
 
     folder = gpt2_folder if arch == "gpt2" else llama_folder
     result = run_script("ppo.py", "--model", folder, "--steps", "2", "--prompts-per-step", "4", "--num-minibatches", "2",
-                        "--eval-prompts", "8", "--adaptive-kl", "--run-name", "e2e", cwd=tmp_path)
+                        "--eval-prompts", "8", "--adaptive-kl", "--run-name", "e2e", "--top-k", "20", "--min-p", "0.01",
+                        "--max-prompt-length", "16", "--lr-schedule", "linear", "--warmup-steps", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "e2e"
     for tag in ["objective/scores", "objective/kl", "policy/clipfrac", "value/loss", "value/explained_variance",

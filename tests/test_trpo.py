@@ -107,6 +107,8 @@ def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder = gpt2_folder if arch == "gpt2" else llama_folder
+    (tmp_path / "rewards.py").write_text("def short(completions, **kwargs):\n    return [-len(c) / 10 for c in completions]\n")
+    extra = [*extra, "--reward-fn", f"{tmp_path / 'rewards.py'}:short"] if arch == "llama" else extra
     result = run_script("trpo.py", "--model", folder, "--task", "letter", "--steps", "2", "--prompts-per-step", "4",
                         "--eval-prompts", "4", "--run-name", "e2e", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -116,6 +118,8 @@ def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
         assert len(scalars(run_dir, tag)) == 2, tag
     AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     assert (run_dir / "checkpoint" / "value_head.pt").is_file()
+    if arch == "llama":
+        assert len(scalars(run_dir, "reward/short")) == 2
 
 
 def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_region(llama_folder, tmp_path):

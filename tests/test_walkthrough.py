@@ -45,7 +45,7 @@ def worked_examples() -> dict[str, str]:
         "GAE_ADVANTAGES_V": fmt(advantages_v[0].tolist()),
         "GROUP_REWARDS": fmt(group.tolist()),
         "GROUP_ADVANTAGES": fmt(grpo.group_advantages(group, 4).tolist()),
-        "K3_EXAMPLE": f"{grpo.k3_kl(one(-1.0), one(-1.5)).item():.4f}",
+        "K3_EXAMPLE": f"{grpo.kl_penalty(one(-1.0), one(-1.5), one(-1.0)).item():.4f}",
     }
 
 
