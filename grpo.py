@@ -30,11 +30,12 @@ import tyro
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = plumbing.EMBEDDED_MODEL
     """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
@@ -247,8 +248,8 @@ def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
-    common.check_ranges(args, RANGES)
-    world = common.world_size()
+    plumbing.check_ranges(args, RANGES)
+    world = plumbing.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
@@ -266,27 +267,27 @@ def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     state = None
     if args.resume:
-        args, state = common.resume(args, "grpo", MAY_CHANGE)
+        args, state = plumbing.resume(args, "grpo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
-    common.check_model_name(args.model)
+    plumbing.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([plumbing.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+    plumbing.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+    run_dir = Path(args.resume) if args.resume else plumbing.run_folder(args.output_dir, args.run_name,
                                                                        f"grpo_{prompts_name}_{args.seed}")
-    device = common.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
     # --- set-up: processes, seed, models, optimizer, logging (rank 0 only) ---
-    rank, world = common.init_distributed(device), common.world_size()
-    common.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, device)
+    rank, world = plumbing.init_distributed(device), plumbing.world_size()
+    plumbing.set_seed(args.seed)
+    model, tokenizer = plumbing.load_model(args.model, device)
     if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        plumbing.enable_gradient_checkpointing(model)
     if args.lora_rank:
-        model = common.add_lora(model, args.lora_rank, args.lora_alpha)
-    # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
+        model = plumbing.add_lora(model, args.lora_rank, args.lora_alpha)
+    # The frozen start: a copy, or with LoRA the same network with its adapters off (plumbing.adapters_off).
     no_kl = args.beta == 0 or args.kl_estimator == "none"
     ref_model = None if no_kl else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
@@ -299,7 +300,7 @@ def main(args: Args) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one pass, no temporaries
-    scheduler = common.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)
+    scheduler = plumbing.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     # Each process samples its own prompts_per_step / world prompts: seeds seed + rank.
     G, n_prompts = args.group_size, args.prompts_per_step // world
@@ -310,13 +311,13 @@ def main(args: Args) -> Path:
     torch.manual_seed(args.seed + rank)
     first_step = 1
     if state is not None:  # --resume: the weights, the optimizer and every random state of the last checkpoint
-        common.load_weights(model, run_dir / "checkpoint")
+        plumbing.load_weights(model, run_dir / "checkpoint")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        common.set_rng_states(state["rng"], rng)
+        plumbing.set_rng_states(state["rng"], rng)
         first_step = state["step"] + 1
-    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
-    interrupt = common.Interrupt()
+    writer = plumbing.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = plumbing.Interrupt()
     if rank == 0:
         print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
               + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
@@ -333,11 +334,11 @@ def main(args: Args) -> Path:
     def save(step):  # collective under torchrun (every process's random state); rank 0 writes
         saved[0] = step
         training = {"script": "grpo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": common.rng_states(rng)}
+                    "scheduler": scheduler.state_dict(), "rng": plumbing.rng_states(rng)}
         if rank == 0:
-            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.TRAINING_STATE: training})
+            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {plumbing.TRAINING_STATE: training})
             if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
-                common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
+                plumbing.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
 
     scores, stop = {}, False
     try:
@@ -387,14 +388,14 @@ def main(args: Args) -> Path:
             # --- 2. group advantages ---
             batch_std = None
             if args.scale_rewards == "batch":  # the std of the whole batch, over all processes
-                n, mean = len(rewards) * world, common.all_mean(rewards.mean())
-                batch_std = (common.all_mean(((rewards - mean) ** 2).mean()) * n / (n - 1)).sqrt()
+                n, mean = len(rewards) * world, plumbing.all_mean(rewards.mean())
+                batch_std = (plumbing.all_mean(((rewards - mean) ** 2).mean()) * n / (n - 1)).sqrt()
             advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std).to(device)  # [B]
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
             t1 = time.time()
             with torch.no_grad(), common.autocast(device, args.dtype):
-                with common.adapters_off(ref_model):  # with LoRA: the same network, adapters off
+                with plumbing.adapters_off(ref_model):  # with LoRA: the same network, adapters off
                     ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
                                                                group_size=shared) if ref_model is not None else None)
                 old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
@@ -403,7 +404,7 @@ def main(args: Args) -> Path:
             # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
             # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's
             # average of the per-process gradients is then the whole batch's gradient.
-            num_tokens = common.all_mean(loss_mask.sum().float())
+            num_tokens = plumbing.all_mean(loss_mask.sum().float())
             stats = []
             for _ in range(args.num_iterations):
                 optimizer.zero_grad()
@@ -427,7 +428,7 @@ def main(args: Args) -> Path:
                         loss.backward()
                     stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
+                plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
             lr = scheduler.get_last_lr()[0]  # this step's
             scheduler.step()
@@ -451,14 +452,14 @@ def main(args: Args) -> Path:
                 "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,
             }
-            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
+            metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics["dist/replica_spread"] = common.replica_spread(model)  # 0 when all processes agree
+                metrics["dist/replica_spread"] = plumbing.replica_spread(model)  # 0 when all processes agree
             if rank == 0:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if step % 10 == 1:
-                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
+                    plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
                 if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
                     scores = run_eval(step)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('train/kl', 0):.4f}",

@@ -32,11 +32,12 @@ import tyro
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = plumbing.EMBEDDED_MODEL
     """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
@@ -260,8 +261,8 @@ MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes 
 
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
-    common.check_ranges(args, RANGES)
-    world = common.world_size()
+    plumbing.check_ranges(args, RANGES)
+    world = plumbing.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
@@ -276,29 +277,29 @@ def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     state = None
     if args.resume:
-        args, state = common.resume(args, "ppo", MAY_CHANGE)
+        args, state = plumbing.resume(args, "ppo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
-    common.check_model_name(args.model)
+    plumbing.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([plumbing.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+    plumbing.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+    run_dir = Path(args.resume) if args.resume else plumbing.run_folder(args.output_dir, args.run_name,
                                                                        f"ppo_{prompts_name}_{args.seed}")
-    device = common.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
 
     # --- set-up: processes, seed, policy + value head, reference, optimizer, logging (rank 0) ---
-    rank, world = common.init_distributed(device), common.world_size()
-    common.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, device)
+    rank, world = plumbing.init_distributed(device), plumbing.world_size()
+    plumbing.set_seed(args.seed)
+    model, tokenizer = plumbing.load_model(args.model, device)
     if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        plumbing.enable_gradient_checkpointing(model)
     if args.lora_rank:
-        model = common.add_lora(model, args.lora_rank, args.lora_alpha)
+        model = plumbing.add_lora(model, args.lora_rank, args.lora_alpha)
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
     torch.nn.init.zeros_(value_head.bias)
-    # The frozen start: a copy, or with LoRA the same network with its adapters off (common.adapters_off).
+    # The frozen start: a copy, or with LoRA the same network with its adapters off (plumbing.adapters_off).
     ref_model = model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
     # Under torchrun, DDP averages the gradients of both; rollouts and evaluation use the bare modules.
     ddp = torch.nn.parallel.DistributedDataParallel
@@ -313,7 +314,7 @@ def main(args: Args) -> Path:
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, fused=True)  # fused: one pass, no temporaries
-    scheduler = common.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)  # stepped once a step
+    scheduler = plumbing.lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)  # stepped once a step
     # Each process samples its own prompts_per_step / world prompts (seed + rank) and whitens its
     # own advantages; β stays the same everywhere because the KL that adapts it is averaged.
     B, beta = args.prompts_per_step // world, args.beta
@@ -321,14 +322,14 @@ def main(args: Args) -> Path:
     torch.manual_seed(args.seed + rank)
     first_step = 1
     if state is not None:  # --resume: weights, value head, optimizer, β and every random state of the last checkpoint
-        common.load_weights(model, run_dir / "checkpoint")
+        plumbing.load_weights(model, run_dir / "checkpoint")
         value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        common.set_rng_states(state["rng"], rng)
+        plumbing.set_rng_states(state["rng"], rng)
         first_step, beta = state["step"] + 1, state["beta"]
-    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
-    interrupt = common.Interrupt()
+    writer = plumbing.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = plumbing.Interrupt()
     if rank == 0:
         print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
               + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
@@ -345,13 +346,13 @@ def main(args: Args) -> Path:
     def save(step):  # collective under torchrun (every process's random state); rank 0 writes
         saved[0] = step
         training = {"script": "ppo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "beta": beta, "rng": common.rng_states(rng)}
+                    "scheduler": scheduler.state_dict(), "beta": beta, "rng": plumbing.rng_states(rng)}
         if rank == 0:
             value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
-            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
-                                   {"value_head.pt": value_state, common.TRAINING_STATE: training})
+            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
+                                   {"value_head.pt": value_state, plumbing.TRAINING_STATE: training})
             if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
-                common.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
+                plumbing.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
                                        {"value_head.pt": value_state})
 
     eval_scores, stop = {}, False
@@ -385,7 +386,7 @@ def main(args: Args) -> Path:
                 for rows_mb in minibatches[0]:
                     mb = common.rollout_slice(rollout, rows_mb)
                     old_logprobs[rows_mb], _, old_values[rows_mb] = forward(model, value_head, mb, args.temperature)
-                    with common.adapters_off(ref_model):
+                    with plumbing.adapters_off(ref_model):
                         ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
 
             # --- 4. per-token rewards, GAE, whitening ---
@@ -411,7 +412,7 @@ def main(args: Args) -> Path:
                     optimizer.zero_grad()
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
+                    plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                     optimizer.step()
                     stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
                                   "value/clipfrac": vf_stats["clipfrac"], "policy/entropy": common.masked_mean(
@@ -422,7 +423,7 @@ def main(args: Args) -> Path:
             update_seconds = time.time() - t1
 
             # --- 6. statistics (each figure is this process's, then averaged over processes) ---
-            sequence_kl = common.all_mean(kl.sum(1).mean()).item()
+            sequence_kl = plumbing.all_mean(kl.sum(1).mean()).item()
             non_score = -beta * kl.sum(1)  # [B]
             lengths = mask.sum(1).float()
             log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0)  # k3 per token, as grpo.py's train/kl
@@ -439,9 +440,9 @@ def main(args: Args) -> Path:
                 "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
             }
-            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
+            metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
+                metrics["dist/replica_spread"] = plumbing.replica_spread(model) + plumbing.replica_spread(value_head)
 
             # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
             if args.adaptive_kl:
@@ -453,7 +454,7 @@ def main(args: Args) -> Path:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if step % 10 == 1:
-                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+                    plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
                 if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
                     eval_scores = run_eval(step)
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",

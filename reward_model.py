@@ -29,11 +29,12 @@ import tyro
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = plumbing.EMBEDDED_MODEL
     """base model: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     data: str | None = None
     """JSONL file of {"prompt", "chosen", "rejected"} lines; default: built-in pairs from the arithmetic task"""
@@ -100,7 +101,7 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
 def read_pairs(path: str) -> list[dict]:
     """Pairs from a JSONL file; line-numbered errors; pairs with chosen == rejected are dropped."""
     pairs = []
-    for lineno, row in common.read_jsonl(path):
+    for lineno, row in plumbing.read_jsonl(path):
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
         if missing:
             raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
@@ -143,27 +144,27 @@ RANGES = {"num_pairs": "[2, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)"
 
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
-    common.check_ranges(args, RANGES)
+    plumbing.check_ranges(args, RANGES)
     pairs = read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
     if len(pairs) < 2:
         raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
-    common.check_model_name(args.model)
+    plumbing.check_model_name(args.model)
     pairs_name = Path(args.data).stem if args.data else "arithmetic"
-    run_dir = common.run_folder(args.output_dir, args.run_name, f"rm_{pairs_name}_{args.seed}")
-    device = common.pick_device(args.device)
+    run_dir = plumbing.run_folder(args.output_dir, args.run_name, f"rm_{pairs_name}_{args.seed}")
+    device = plumbing.pick_device(args.device)
 
     # --- set-up ---
-    common.set_seed(args.seed)
+    plumbing.set_seed(args.seed)
     random.Random(args.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * args.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     steps = args.steps or -(-len(train_pairs) // args.batch_size)  # default: one pass over the training pairs
-    model, tokenizer = common.load_model(args.model, device, kind="reward")
+    model, tokenizer = plumbing.load_model(args.model, device, kind="reward")
     if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        plumbing.enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries
-    writer = common.make_writer(run_dir, args)
-    interrupt = common.Interrupt()
+    writer = plumbing.make_writer(run_dir, args)
+    interrupt = plumbing.Interrupt()
     print(f"run folder: {run_dir}; {len(train_pairs)} training pairs, {len(eval_pairs)} held out; {steps} steps")
 
     def run_eval(step):
@@ -190,7 +191,7 @@ def main(args: Args) -> Path:
             optimizer.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            common.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
+            plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
             optimizer.step()
 
             # --- logging ---
@@ -208,7 +209,7 @@ def main(args: Args) -> Path:
         # --- normalise on the training responses, then save ---
         scores = evaluate(model, tokenizer, train_pairs, args)["scores"]
         norm = {"mean": scores.mean().item(), "std": scores.std().item() + 1e-6, "max_length": args.max_length}
-        common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {common.REWARD_NORM_FILE: norm})
+        plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {plumbing.REWARD_NORM_FILE: norm})
         writer.add_text("result", f"held-out accuracy {result['accuracy']:.3f}, loss {result['loss']:.3f}")
         print(("stopped after step " + str(step) + "; " if interrupt.requested else "done: ")
               + f"held-out accuracy {result['accuracy']:.3f}; reward model saved: --reward-model {run_dir / 'checkpoint'}"

@@ -40,11 +40,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
 class Args:
-    model: str = common.EMBEDDED_MODEL
+    model: str = plumbing.EMBEDDED_MODEL
     """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     task: str = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
@@ -255,7 +256,7 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
     processes, so every process takes the same step. Returns the step's statistics."""
     mask, B = rollout.completion_mask, len(rollout.texts)
     chunks = torch.arange(B).split(SCORING_ROWS)
-    num_tokens = common.all_mean(mask.sum().float())  # all real tokens / world: each chunk's share of L
+    num_tokens = plumbing.all_mean(mask.sum().float())  # all real tokens / world: each chunk's share of L
 
     # g = ∇L at θ_old, accumulated over chunks
     model.zero_grad()
@@ -264,9 +265,9 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
         logprobs = common.completion_logprobs(model, mb, args.temperature)
         share = mb.completion_mask.sum() / num_tokens
         (surrogate(logprobs, old_logprobs[rows], advantages[rows], mb.completion_mask) * share).backward()
-    g = common.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
-    common.check_finite(g.norm(), "the policy gradient")
-    surrogate_before = (common.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
+    g = plumbing.all_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+    plumbing.check_finite(g.norm(), "the policy gradient")
+    surrogate_before = (plumbing.all_mean((advantages * mask).sum()) / num_tokens).item()  # ρ = 1 at θ_old
 
     # ∇KL̄ with its graph, over a subsample; F v is its derivative along v. Attention as plain ops (the
     # fused kernels have no double backward), also in the recompute of --gradient-checkpointing.
@@ -282,11 +283,11 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
         kl_grad = torch.cat([k.reshape(-1) for k in torch.autograd.grad(fisher_kl, params, create_graph=True)])
 
         def Fvp(v):
-            return common.all_mean(fisher_vector_product(kl_grad, params, v, damping=args.cg_damping))
+            return plumbing.all_mean(fisher_vector_product(kl_grad, params, v, damping=args.cg_damping))
 
         x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
         full_step = torch.sqrt(2 * args.max_kl / (x @ Fvp(x)).clamp(min=1e-12)) * x  # s = √(2δ / xᵀFx) · x
-    del kl_grad, fisher_kl, log_dist  # free the double-backward graph before the line search
+    kl_grad = fisher_kl = log_dist = None  # free the double-backward graph before the line search
     cg_seconds = time.time() - t0
 
     @torch.no_grad()
@@ -299,7 +300,7 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
             share = mb.completion_mask.sum() / num_tokens
             surr += surrogate(logprobs, old_logprobs[rows], advantages[rows], mb.completion_mask) * share
             kl += mean_kl(old_log_dist[rows], log_dist, mb.completion_mask) * share
-        return common.all_mean(surr).item(), common.all_mean(kl).item()
+        return plumbing.all_mean(surr).item(), plumbing.all_mean(kl).item()
 
     t1 = time.time()
     result = line_search(params, full_step, evaluate, surrogate_before, max_kl=args.max_kl,
@@ -318,7 +319,7 @@ def fit_value_head(value_head, optimizer, hidden, returns, mask, iters: int) -> 
         optimizer.zero_grad()
         value_loss.backward()
         for p in value_head.parameters():
-            p.grad = common.all_mean(p.grad)
+            p.grad = plumbing.all_mean(p.grad)
         optimizer.step()
     return value_loss.item() if iters else 0.0
 
@@ -343,8 +344,8 @@ MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes 
 
 def check_args(args: Args) -> None:
     """Every error that can be found before a model is loaded or a file written."""
-    common.check_ranges(args, RANGES)
-    world = common.world_size()
+    plumbing.check_ranges(args, RANGES)
+    world = plumbing.world_size()
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
                          "each process samples the same number of prompts")
@@ -356,23 +357,23 @@ def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     state = None
     if args.resume:
-        args, state = common.resume(args, "trpo", MAY_CHANGE)
+        args, state = plumbing.resume(args, "trpo", MAY_CHANGE)
     check_args(args)
     train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    common.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-    functions = dict([common.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
-    common.check_model_name(args.model)
+    plumbing.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+    functions = dict([plumbing.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+    plumbing.check_model_name(args.model)
     prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = Path(args.resume) if args.resume else common.run_folder(args.output_dir, args.run_name,
+    run_dir = Path(args.resume) if args.resume else plumbing.run_folder(args.output_dir, args.run_name,
                                                                        f"trpo_{prompts_name}_{args.seed}")
-    device = common.pick_device(args.device)
+    device = plumbing.pick_device(args.device)
 
     # --- set-up: processes, policy, value head, reference, logging ---
-    rank, world = common.init_distributed(device), common.world_size()
-    common.set_seed(args.seed)
-    model, tokenizer = common.load_model(args.model, device)
+    rank, world = plumbing.init_distributed(device), plumbing.world_size()
+    plumbing.set_seed(args.seed)
+    model, tokenizer = plumbing.load_model(args.model, device)
     if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        plumbing.enable_gradient_checkpointing(model)
     use_ref = args.advantage == "gae" and args.beta != 0
     ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
     if args.trust_region_layers is not None:
@@ -396,13 +397,13 @@ def main(args: Args) -> Path:
     torch.manual_seed(args.seed + rank)
     first_step = 1
     if state is not None:  # --resume: weights, value head and its optimizer, every random state
-        common.load_weights(model, run_dir / "checkpoint")
+        plumbing.load_weights(model, run_dir / "checkpoint")
         value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
         value_optimizer.load_state_dict(state["value_optimizer"])
-        common.set_rng_states(state["rng"], rng)
+        plumbing.set_rng_states(state["rng"], rng)
         first_step = state["step"] + 1
-    writer = common.make_writer(run_dir, args, first_step) if rank == 0 else None
-    interrupt = common.Interrupt()
+    writer = plumbing.make_writer(run_dir, args, first_step) if rank == 0 else None
+    interrupt = plumbing.Interrupt()
     if rank == 0:
         print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
         print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
@@ -419,11 +420,11 @@ def main(args: Args) -> Path:
 
     def save(step):  # collective under torchrun (every process's random state); rank 0 writes
         saved[0] = step
-        training = {"script": "trpo", "step": step, "args": asdict(args), "rng": common.rng_states(rng),
+        training = {"script": "trpo", "step": step, "args": asdict(args), "rng": plumbing.rng_states(rng),
                     "value_optimizer": value_optimizer.state_dict()}
         if rank == 0:
-            common.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {
-                "value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}, common.TRAINING_STATE: training})
+            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {
+                "value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}, plumbing.TRAINING_STATE: training})
 
     eval_scores, stop = {}, False
     try:
@@ -490,14 +491,14 @@ def main(args: Args) -> Path:
                 "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,
                 "time/tokens_per_s": lengths.sum() / gen_seconds, "time/update_tokens_per_s": lengths.sum() / update_seconds,
             }
-            metrics = common.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
+            metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
             if world > 1:
-                metrics["dist/replica_spread"] = common.replica_spread(model) + common.replica_spread(value_head)
+                metrics["dist/replica_spread"] = plumbing.replica_spread(model) + plumbing.replica_spread(value_head)
             if rank == 0:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if step % 10 == 1:
-                    common.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
+                    plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
                 if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
                     eval_scores = run_eval(step)
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 from tiny import CHAT_TEMPLATE, byte_tokenizer  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def run(script: str, out: Path, name: str, **kwargs) -> dict:
     if script == "reward_model":
         AutoModelForSequenceClassification.from_pretrained(ckpt)
     else:
-        model, tokenizer = common.load_model(str(ckpt), DEVICE)
+        model, tokenizer = plumbing.load_model(str(ckpt), DEVICE)
         with common.autocast(model.device, "auto"):
             texts = common.generate(model, tokenizer, ["What is 2 + 2?"], 8).texts
         figures["checkpoint_generates"] = texts[0][:40]
@@ -130,7 +131,7 @@ def padded_forward_completion(model, rollout):
 
 def scoring_passes(folder: str) -> list[dict]:
     """Packed (what the scripts run) against padded, forward + backward of the token log-probs, bf16 autocast."""
-    model, tokenizer = common.load_model(folder, DEVICE)
+    model, tokenizer = plumbing.load_model(folder, DEVICE)
     rows = []
     sizes = [(8, 8, 64, 256), (8, 8, 64, 1280), (16, 4, 64, 1280), (32, 8, 64, 512)]
     for n_rows, group, prompt_len, completion_len in [(4, 2, 8, 256)] if SMOKE else sizes:

@@ -16,6 +16,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402  (the same model folder and prompts as grpo.py)
+import plumbing  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 torch.set_num_threads(torch.get_num_threads())
@@ -39,7 +40,7 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
-folder = common.embedded_model_folder()
+folder = plumbing.embedded_model_folder()
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 config = GRPOConfig(output_dir="/tmp/trl_grpo_bench", per_device_train_batch_size=16, num_generations=4,
                     max_completion_length=32, beta=0.04, num_iterations=1, learning_rate=5e-6, max_steps=steps,

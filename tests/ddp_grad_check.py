@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import grpo  # noqa: E402
 from tiny import tiny_policy  # noqa: E402
 
@@ -43,7 +44,7 @@ worst = 0.0
 for loss_type in ["grpo", "dr_grpo", "dapo"]:
     whole = gradient(model, torch.arange(B), mask.sum(), loss_type, group_size=1)  # one process, no DDP
     rows = torch.arange(B)[rank * B // world : (rank + 1) * B // world]
-    num_tokens = common.all_mean(mask[rows].sum().float())  # the loop's normaliser: all tokens / world
+    num_tokens = plumbing.all_mean(mask[rows].sum().float())  # the loop's normaliser: all tokens / world
     averaged = gradient(ddp_model, rows, num_tokens, loss_type, group_size=2)
     worst = max(worst, (averaged - whole).abs().max().item())
 print(f"rank {rank}: max |averaged − whole| = {worst:.2e}")

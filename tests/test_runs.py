@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import plumbing
 from test_grpo import run_script, scalars
 
 RL = ["grpo", "ppo", "trpo"]
@@ -79,7 +80,7 @@ def test_first_ctrl_c_finishes_the_step_saves_it_and_exits_130(script, llama_fol
         module.main(args)
     assert exit_.value.code == 130
     run_dir = tmp_path / "stop"
-    state = torch.load(run_dir / "checkpoint" / common.TRAINING_STATE, weights_only=True)
+    state = torch.load(run_dir / "checkpoint" / plumbing.TRAINING_STATE, weights_only=True)
     assert state["step"] == 3 and len(scalars(run_dir, "completion/length_mean")) == 3
     assert f"Resume with: python {script}.py --resume {run_dir}" in capsys.readouterr().out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
@@ -103,7 +104,7 @@ def test_a_nan_or_a_second_ctrl_c_keeps_the_last_checkpoint_and_the_logs(script,
     with pytest.raises(FloatingPointError if failure == "nan" else SystemExit):
         module.main(args)
     run_dir = tmp_path / "fail"
-    assert torch.load(run_dir / "checkpoint" / common.TRAINING_STATE, weights_only=True)["step"] == 2
+    assert torch.load(run_dir / "checkpoint" / plumbing.TRAINING_STATE, weights_only=True)["step"] == 2
     assert not (run_dir / "checkpoint.tmp").exists()
     assert len(scalars(run_dir, "completion/length_mean")) == 2  # steps 1 and 2 were logged and flushed
 
@@ -127,7 +128,7 @@ def test_reward_model_ctrl_c_saves_the_model_as_it_is_and_exits_130(llama_folder
     with pytest.raises(SystemExit) as exit_:
         reward_model.main(args)
     assert exit_.value.code == 130
-    assert (tmp_path / "rm" / "checkpoint" / common.REWARD_NORM_FILE).is_file()
+    assert (tmp_path / "rm" / "checkpoint" / plumbing.REWARD_NORM_FILE).is_file()
     assert len(scalars(tmp_path / "rm", "train/loss")) == 2
 
 

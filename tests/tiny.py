@@ -65,7 +65,7 @@ def tiny_model(arch: str = "gpt2", seed: int = 0):
 
 
 def tiny_policy(arch: str = "gpt2", seed: int = 0):
-    """tiny_model set up as common.load_model sets up a policy: dropout off, left padding, a pad token."""
+    """tiny_model set up as plumbing.load_model sets up a policy: dropout off, left padding, a pad token."""
     model, tokenizer = tiny_model(arch, seed)
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
