@@ -19,6 +19,7 @@ import common  # noqa: E402  (the same model folder and prompts as grpo.py)
 import plumbing  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+checkpointing = sys.argv[2:] == ["--gradient-checkpointing"]  # TRL's own default is on; the target's settings, off
 torch.set_num_threads(torch.get_num_threads())
 train, _ = common.load_prompts("arithmetic", None, seed=1)
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
@@ -44,7 +45,7 @@ folder = plumbing.embedded_model_folder()
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 config = GRPOConfig(output_dir="/tmp/trl_grpo_bench", per_device_train_batch_size=16, num_generations=4,
                     max_completion_length=32, beta=0.04, num_iterations=1, learning_rate=5e-6, max_steps=steps,
-                    temperature=1.0, top_k=0, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                    temperature=1.0, top_k=0, use_cpu=True, bf16=False, gradient_checkpointing=checkpointing,
                     logging_steps=1, save_strategy="no", report_to="none", seed=1)
 timer = StepTimer()
 trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=dataset,

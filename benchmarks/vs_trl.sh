@@ -2,7 +2,7 @@
 # grpo.py against Hugging Face TRL's GRPOTrainer, side by side, on this machine, same settings:
 # SmolLM2-135M-Instruct, 4 prompts × 4 completions per step, 32 new tokens, β = 0.04, μ = 1, fp32.
 # TRL goes into its own virtual environment (benchmarks/out/trl-venv), never into the project's.
-#   bash benchmarks/vs_trl.sh [steps]
+#   bash benchmarks/vs_trl.sh [steps] [--gradient-checkpointing]   (the flag goes to both sides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-6}
@@ -12,7 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q trl==1.16.0
 fi
 echo "TRL $("$venv/bin/python" -c 'import trl; print(trl.__version__)'), $(nproc) cores, torch threads $(python -c 'import torch; print(torch.get_num_threads())')"
-"$venv/bin/python" benchmarks/trl_grpo_step.py "$steps" 2>/dev/null | tail -1 > benchmarks/out/trl.json
+"$venv/bin/python" benchmarks/trl_grpo_step.py "$steps" "${@:2}" 2>/dev/null | tail -1 > benchmarks/out/trl.json
 rm -rf benchmarks/out/runs/vs_trl  # a re-run replaces the last one
 python benchmarks/bench.py grpo --prompts-per-step 4 --group-size 4 --max-new-tokens 32 --beta 0.04 \
   --num-iterations 1 --minibatch-size 16 --steps "$steps" --eval-prompts 0 --save-interval 100000 \
