@@ -29,9 +29,23 @@ def function_lines(module: str, name: str) -> tuple[int, int]:
     return start, node.end_lineno
 
 
+def token_weights(loss_type: str, lengths: list[int], advantages: list[float], max_new_tokens: int) -> list[float]:
+    """d loss / d log π of the first token of each completion, at ratio 1 (each batch used once)."""
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    logprobs = torch.zeros(mask.shape, requires_grad=True)
+    loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), torch.tensor(advantages), mask, beta=0.0, epsilon=0.2,
+                             epsilon_high=0.2, loss_type=loss_type, max_new_tokens=max_new_tokens)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    return grad[:, 0].tolist()
+
+
 def worked_examples() -> dict[str, str]:
     """Each number the walkthrough shows, computed with the project's own functions."""
     one = torch.tensor
+    pg = torch.zeros(2, 2, requires_grad=True)  # two completions of 2 and 1 tokens, A = +1 and −1
+    pg_loss, _ = grpo.grpo_loss(pg, pg.detach(), one([1.0, -1.0]), one([[1, 1], [1, 0]]), beta=0.0, epsilon=0.2,
+                                epsilon_high=0.2, loss_type="grpo", max_new_tokens=2)
+    (pg_grad,) = torch.autograd.grad(pg_loss, pg)
     rewards, mask = one([[0.0, 0.0, 0.0, 0.8]]), torch.ones(1, 4)
     advantages, returns = ppo.gae(rewards, torch.zeros(1, 4), mask, gamma=0.9, lam=1.0)
     advantages_v, _ = ppo.gae(rewards, torch.full((1, 4), 0.5), mask, gamma=0.9, lam=1.0)
@@ -46,12 +60,18 @@ def worked_examples() -> dict[str, str]:
         "GROUP_REWARDS": fmt(group.tolist()),
         "GROUP_ADVANTAGES": fmt(grpo.group_advantages(group, 4).tolist()),
         "K3_EXAMPLE": f"{grpo.kl_penalty(one(-1.0), one(-1.5), one(-1.0)).item():.4f}",
+        "K1_EXAMPLE": f"{grpo.kl_penalty(one(-1.0), one(-1.5), one(-1.0), 'k1').item():.4f}",
+        "PG_GRAD": fmt(pg_grad[one([[1, 1], [1, 0]]).bool()].tolist()),
+        "WHITEN_EXAMPLE": fmt(ppo.whiten(one([[1.0, 3.0]]), torch.ones(1, 2))[0].tolist()),
+        "LENGTH_WEIGHTS_GRPO": fmt([-w for w in token_weights("grpo", [2, 4], [1.0, 1.0], 4)]),
+        "LENGTH_WEIGHTS_DR": fmt([-w for w in token_weights("dr_grpo", [2, 4], [1.0, 1.0], 4)]),
+        "LENGTH_WEIGHTS_DAPO": fmt([-w for w in token_weights("dapo", [2, 4], [1.0, 1.0], 4)]),
     }
 
 
 def test_every_link_names_a_function_at_those_lines():
     links = LINK.findall(DOC.read_text())
-    assert len(links) >= 20
+    assert len(links) >= 30
     for module, name, file, start, end in links:
         assert module == file, f"{module}.{name} links to {file}.py"
         assert function_lines(module, name) == (int(start), int(end)), f"{module}.{name}: update its line range"
