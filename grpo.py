@@ -98,7 +98,7 @@ class Args:
     minibatch_size: int = 8
     """rows per forward/backward pass; gradients are accumulated over the batch, which bounds memory"""
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    """aggregation: per-sequence mean (paper), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO)"""
+    """aggregation: per-sequence mean (paper; the token mean was within noise of it here: docs/benchmarks.md), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO)"""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """the ratio per token (paper), or one per completion, the geometric mean of its token ratios (GSPO)"""
     dynamic_sampling: bool = False
