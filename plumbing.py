@@ -358,6 +358,20 @@ class Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None, score: float, steps: int,
+               steps_changed: bool) -> None:
+    """The run's last line: its held-out score and checkpoint, or after a Ctrl-C the command that resumes it."""
+    checkpoint = run_dir / "checkpoint"
+    if stopped and saved_step is None:
+        print("stopped before the first checkpoint: nothing to resume")
+    elif stopped:
+        print(f"stopped; the checkpoint of step {saved_step} is in {checkpoint}. Resume with: "
+              f"python {script}.py --resume {run_dir}" + (f" --steps {steps}" if steps_changed else ""))
+    else:
+        print(f"done: held-out score {score:.3f} after {steps} steps; checkpoint: {checkpoint}; "
+              f"tensorboard --logdir {run_dir}")
+
+
 def rng_states(generator: torch.Generator) -> list[dict]:
     """Every random state of every process, in rank order: Python's, torch's (CPU, CUDA), the prompt generator's."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state(),

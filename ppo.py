@@ -475,15 +475,8 @@ def main(args: Args) -> Path:
         torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
         torch.distributed.destroy_process_group()
     if rank == 0:
-        checkpoint = run_dir / "checkpoint"
-        if stop and saved[0] is None:
-            print("stopped before the first checkpoint: nothing to resume")
-        elif stop:
-            print(f"stopped; the checkpoint of step {saved[0]} is in {checkpoint}. Resume with: "
-                  f"python ppo.py --resume {run_dir}" + (f" --steps {args.steps}" if args.steps != Args.steps else ""))
-        else:
-            print(f"done: held-out score {eval_scores.get('reward', float('nan')):.3f} after {args.steps} steps; "
-                  f"checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
+        plumbing.end_of_run("ppo", run_dir, stop, saved[0], eval_scores.get("reward", float("nan")), args.steps,
+                            args.steps != Args.steps)
     if stop:
         raise SystemExit(130)
     return run_dir
