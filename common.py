@@ -186,7 +186,8 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
                 attention_mask=packed["attention_mask"], output_hidden_states=True, logits_to_keep=1)
     states = out.hidden_states[-1][0][packed["before"]]  # [N, H]: after the final norm; predicts token t+1
-    lm_head = getattr(model, "module", model).get_output_embeddings()  # the bare model under DDP
+    # The bare model under DDP. Under FSDP the root's weights stay gathered after its forward (plumbing.shard).
+    lm_head = getattr(model, "module", model).get_output_embeddings()
     # (W @ hᵀ)ᵀ, not lm_head(h): the same logits, but W's gradient comes out as a fresh tensor, which
     # autograd adds a tied input embedding's gradient into in place (one V×H buffer fewer).
     logits = (lm_head.weight @ states.T).T
@@ -432,7 +433,11 @@ def format_prompt(tokenizer, text: str) -> str:
 
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast on CUDA by default ("auto"), or anywhere with dtype="bf16"; weights stay fp32."""
-    enabled = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, dtype))
+
+
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """What the --dtype flag means: bf16 on CUDA by default ("auto"), or anywhere with "bf16"."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
 
 

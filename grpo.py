@@ -123,6 +123,8 @@ class Args:
     """seeds prompts, sampling and initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    fsdp: bool = False
+    """under torchrun: shard the policy, its gradients and AdamW state, and the reference over the processes (FSDP2) instead of a copy on each (DDP)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     lora_rank: int = 0
@@ -259,6 +261,7 @@ def check_args(args: Args) -> None:
                          f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
     if args.lora_merge and not args.lora_rank:
         raise SystemExit("--lora-merge needs --lora-rank > 0")
+    plumbing.check_fsdp(args.fsdp, args.lora_rank)
     if args.overlong_buffer > args.max_new_tokens:
         raise SystemExit(f"--overlong-buffer {args.overlong_buffer} is longer than --max-new-tokens {args.max_new_tokens}")
 
@@ -290,8 +293,14 @@ def main(args: Args) -> Path:
     # The frozen start: a copy, or with LoRA the same network with its adapters off (plumbing.adapters_off).
     no_kl = args.beta == 0 or args.kl_estimator == "none"
     ref_model = None if no_kl else model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
-    # Under torchrun, DDP averages the gradients; generation and evaluation use the bare model.
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if state is not None:  # --resume: the weights of the last checkpoint (the reference stays the start)
+        plumbing.load_weights(model, run_dir / "checkpoint")
+    # Under torchrun, DDP keeps a copy on each process and averages the gradients (generation and
+    # evaluation use the bare model); FSDP shards each model over the processes (plumbing.shard).
+    if args.fsdp:
+        for m in (model, ref_model) if ref_model is not None else (model,):
+            plumbing.shard(m, bf16=common.uses_bf16(device, args.dtype))
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not args.fsdp else model
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
@@ -310,9 +319,8 @@ def main(args: Args) -> Path:
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     first_step = 1
-    if state is not None:  # --resume: the weights, the optimizer and every random state of the last checkpoint
-        plumbing.load_weights(model, run_dir / "checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:  # --resume: the optimizer and every random state of the last checkpoint
+        plumbing.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         plumbing.set_rng_states(state["rng"], rng)
         first_step = state["step"] + 1
@@ -323,29 +331,36 @@ def main(args: Args) -> Path:
               + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
                  else ""))
 
+    # Rank 0 evaluates while the others wait; under FSDP every process takes part in the forward passes.
+    evaluates = eval_rows and (rank == 0 or args.fsdp)
+
     def run_eval(step):
-        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
+        with plumbing.gathered(model):
+            scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
         for k, v in scores.items():
-            writer.add_scalar(f"eval/{k}", v, step)
+            if writer is not None:
+                writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
     saved = [first_step - 1 if state else None]  # the step of the last checkpoint
 
-    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
+    def save(step):  # collective under torchrun (random states; FSDP's shards); rank 0 writes
         saved[0] = step
-        training = {"script": "grpo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": plumbing.rng_states(rng)}
+        weights = plumbing.full_state_dict(model)  # under FSDP gathered on rank 0; else None: the model's own
+        training = {"script": "grpo", "step": step, "args": asdict(args), "scheduler": scheduler.state_dict(),
+                    "optimizer": plumbing.optimizer_state(model, optimizer), "rng": plumbing.rng_states(rng)}
         if rank == 0:
-            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {plumbing.TRAINING_STATE: training})
+            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {plumbing.TRAINING_STATE: training},
+                                     state_dict=weights)
             if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
                 plumbing.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged")
 
     scores, stop = {}, False
     try:
-        if eval_rows and rank == 0 and state is None:
-            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
+        if evaluates and state is None:
+            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True) if rank == 0 else None
             scores = run_eval(0)
-            print(f"held-out score before training: {scores['reward']:.3f}", flush=True)
+            print(f"held-out score before training: {scores['reward']:.3f}", flush=True) if rank == 0 else None
         bar = tqdm(range(first_step, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0,
                    initial=first_step - 1, total=args.steps)
         for step in bar:
@@ -356,7 +371,7 @@ def main(args: Args) -> Path:
             groups, drawn = [], 0  # groups: (informative, rows, rollout, rewards, parts), one group each
             for _ in range(args.dynamic_sampling_rounds if args.dynamic_sampling else 1):
                 picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
-                with common.autocast(device, args.dtype):
+                with common.autocast(device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
                     drawn_rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
                                                     args.max_new_tokens, group_size=G,
                                                     max_prompt_length=args.max_prompt_length, **sampling)
@@ -402,7 +417,7 @@ def main(args: Args) -> Path:
                                                            group_size=shared) if args.num_iterations > 1 else None)
 
             # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
-            # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's
+            # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's (FSDP's)
             # average of the per-process gradients is then the whole batch's gradient.
             num_tokens = plumbing.all_mean(loss_mask.sum().float())
             stats = []
@@ -411,9 +426,10 @@ def main(args: Args) -> Path:
                 minibatches = torch.arange(batch_size).split(args.minibatch_size)
                 for k, rows_mb in enumerate(minibatches):
                     mb = common.rollout_slice(rollout, rows_mb)
-                    # Under DDP, gradients are all-reduced once per optimizer step, in the last minibatch's backward.
-                    last = k == len(minibatches) - 1
-                    with common.autocast(device, args.dtype), (train_model.no_sync() if world > 1 and not last
+                    # Under DDP, gradients are all-reduced once per optimizer step, in the last minibatch's
+                    # backward; FSDP reduce-scatters them in each (holding whole gradients costs memory).
+                    accumulate = k < len(minibatches) - 1 and train_model is not model
+                    with common.autocast(device, args.dtype), (train_model.no_sync() if accumulate
                                                                   else contextlib.nullcontext()):
                         logprobs, entropy = common.completion_logprobs(train_model, mb, args.temperature, entropy=True,
                                                                        group_size=shared)  # [b, T] each
@@ -427,7 +443,7 @@ def main(args: Args) -> Path:
                                             num_rows=batch_size, num_tokens=num_tokens)
                         loss.backward()
                     stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
                 plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
             lr = scheduler.get_last_lr()[0]  # this step's
@@ -453,15 +469,15 @@ def main(args: Args) -> Path:
                 "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,
             }
             metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
-            if world > 1:
+            if train_model is not model:  # DDP
                 metrics["dist/replica_spread"] = plumbing.replica_spread(model)  # 0 when all processes agree
+            if evaluates and (step % args.eval_interval == 0 or step == args.steps):
+                scores = run_eval(step)
             if rank == 0:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if step % 10 == 1:
                     plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
-                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
-                    scores = run_eval(step)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('train/kl', 0):.4f}",
                                 eval=f"{scores.get('reward', float('nan')):.3f}")
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -242,12 +243,13 @@ def log_samples(writer: SummaryWriter, step: int, prompts: list[str], completion
     writer.add_text("samples", "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows), step)
 
 
-def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
     """`save_pretrained` into folder.tmp, then swap: a crash mid-save keeps the last good checkpoint.
-    extra: {file name: object} saved beside the model: `.json` names as JSON, others with torch.save."""
+    extra: {file name: object} saved beside the model: `.json` names as JSON, others with torch.save.
+    state_dict: the weights to write (under FSDP, `full_state_dict`'s); default: the model's own."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
         if name.endswith(".json"):
@@ -306,6 +308,94 @@ def replica_spread(model) -> float:
     return (max(parts) - min(parts)).item()
 
 
+def shard(model, bf16: bool = False):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) over the torchrun processes: each decoder layer, then
+    the whole model -> the model, changed in place; build its optimizer after this.
+
+    Each process keeps 1/world of every parameter (and so of its gradient and AdamW state). A layer's
+    parameters are all-gathered for its forward and its backward and freed after each; the backward
+    reduce-scatters the gradients, averaged over processes, into each process's shard. The root's own
+    parameters (embeddings, final norm, LM head) stay gathered from its forward to its backward (FSDP's
+    default for the root): `common.forward_completion` applies the LM head's weight after the forward.
+    bf16: parameters gathered in bf16 for compute, gradients reduced in fp32 (FSDP's mixed precision)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The model returns views (the logits of its last position); nothing here changes them in place,
+    # which is what FSDP's warning about them is for.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    layer_names = getattr(model, "_no_split_modules", None) or ()  # transformers' name for its decoder layer class
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def is_sharded(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP: every layer's parameters all-gathered once, kept for the block (a token-by-token
+    generation would otherwise gather every layer at every step), then sharded again. Otherwise nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not model:  # the root keeps FSDP's default for it, False
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(module) -> dict | None:
+    """Under FSDP: the whole state dict gathered onto rank 0's CPU (collective: every process calls it;
+    the others get {}). Otherwise None: the module's own, as save_pretrained takes it by default."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params, first = dict(module.named_parameters(remove_duplicate=False)), {}
+    for name, p in params.items():  # a tied weight (input embedding = LM head) is written once, as save_pretrained does
+        first.setdefault(p, name)
+    return {k: v for k, v in state.items() if k not in params or first[params[k]] == k}
+
+
+def optimizer_state(module, optimizer) -> dict:
+    """optimizer.state_dict(); under FSDP gathered whole onto rank 0 (collective), keyed by parameter name.
+    module: what holds every parameter the optimizer steps."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(module, optimizer, state: dict) -> None:
+    """The inverse of `optimizer_state`: under FSDP each process keeps its shard of the whole state."""
+    if not is_sharded(module):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ -> the norm before clipping, a plain tensor also under FSDP
+    (where torch returns it as a replicated DTensor, computed from the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def lr_scheduler(optimizer, schedule: str, warmup_steps: int, steps: int):
     """Linear warmup from 0 over warmup_steps, then constant, or linear or cosine decay to 0 at `steps`."""
     def factor(step: int) -> float:
@@ -328,6 +418,15 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
         below = value < high if interval[-1] == ")" else value <= high
         if not (math.isfinite(value) and above and below):
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be in {interval}")
+
+
+def check_fsdp(fsdp: bool, lora_rank: int = 0) -> None:
+    """--fsdp needs torchrun, and is not written for LoRA (adapters-off reference, adapter checkpoints)."""
+    if fsdp and world_size() == 1:
+        raise SystemExit("--fsdp shards the model over several processes: run under torchrun --nproc-per-node N (N ≥ 2)")
+    if fsdp and lora_rank:
+        raise SystemExit("--fsdp with --lora-rank is not supported: pick one (LoRA's frozen base model and adapter "
+                         "checkpoints are not written for sharded models)")
 
 
 # ----------------------------------------------------------------------------------------------

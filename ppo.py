@@ -125,6 +125,8 @@ class Args:
     """seeds prompts, sampling and initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    fsdp: bool = False
+    """under torchrun: shard the policy, its gradients and AdamW state, and the reference over the processes (FSDP2) instead of a copy on each (DDP)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     lora_rank: int = 0
@@ -271,6 +273,7 @@ def check_args(args: Args) -> None:
                          f"is not divisible by --num-minibatches {args.num_minibatches}; pick numbers where it is")
     if args.lora_merge and not args.lora_rank:
         raise SystemExit("--lora-merge needs --lora-rank > 0")
+    plumbing.check_fsdp(args.fsdp, args.lora_rank)
 
 
 def main(args: Args) -> Path:
@@ -301,9 +304,18 @@ def main(args: Args) -> Path:
     torch.nn.init.zeros_(value_head.bias)
     # The frozen start: a copy, or with LoRA the same network with its adapters off (plumbing.adapters_off).
     ref_model = model if args.lora_rank else copy.deepcopy(model).requires_grad_(False)
-    # Under torchrun, DDP averages the gradients of both; rollouts and evaluation use the bare modules.
+    if state is not None:  # --resume: the weights and value head of the last checkpoint (the reference stays the start)
+        plumbing.load_weights(model, run_dir / "checkpoint")
+        value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
+    # Under torchrun, DDP keeps a copy on each process and averages the gradients of both (rollouts and
+    # evaluation use the bare modules); FSDP shards each over the processes (plumbing.shard), the value
+    # head in fp32.
+    if args.fsdp:
+        for m in (model, ref_model):
+            plumbing.shard(m, bf16=common.uses_bf16(device, args.dtype))
+        plumbing.shard(value_head)
     ddp = torch.nn.parallel.DistributedDataParallel
-    train_model, train_value_head = (ddp(model), ddp(value_head)) if world > 1 else (model, value_head)
+    train_model, train_value_head = (ddp(model), ddp(value_head)) if world > 1 and not args.fsdp else (model, value_head)
     scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
     rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
     reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
@@ -321,10 +333,9 @@ def main(args: Args) -> Path:
     rng = torch.Generator().manual_seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     first_step = 1
-    if state is not None:  # --resume: weights, value head, optimizer, β and every random state of the last checkpoint
-        plumbing.load_weights(model, run_dir / "checkpoint")
-        value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
-        optimizer.load_state_dict(state["optimizer"])
+    trained = torch.nn.ModuleList([model, value_head])  # what the optimizer steps, to name its state by
+    if state is not None:  # --resume: the optimizer, β and every random state of the last checkpoint
+        plumbing.load_optimizer_state(trained, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         plumbing.set_rng_states(state["rng"], rng)
         first_step, beta = state["step"] + 1, state["beta"]
@@ -335,39 +346,47 @@ def main(args: Args) -> Path:
               + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
                  else ""))
 
+    # Rank 0 evaluates while the others wait; under FSDP every process takes part in the forward passes.
+    evaluates = eval_rows and (rank == 0 or args.fsdp)
+
     def run_eval(step):
-        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
+        with plumbing.gathered(model):
+            scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
         for k, v in scores.items():
-            writer.add_scalar(f"eval/{k}", v, step)
+            if writer is not None:
+                writer.add_scalar(f"eval/{k}", v, step)
         return scores
 
     saved = [first_step - 1 if state else None]  # the step of the last checkpoint
 
-    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
+    def save(step):  # collective under torchrun (random states; FSDP's shards); rank 0 writes
         saved[0] = step
-        training = {"script": "ppo", "step": step, "args": asdict(args), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "beta": beta, "rng": plumbing.rng_states(rng)}
+        weights, value_state = plumbing.full_state_dict(model), plumbing.full_state_dict(value_head)  # FSDP; else None
+        training = {"script": "ppo", "step": step, "args": asdict(args), "scheduler": scheduler.state_dict(),
+                    "optimizer": plumbing.optimizer_state(trained, optimizer), "beta": beta,
+                    "rng": plumbing.rng_states(rng)}
         if rank == 0:
-            value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
+            if value_state is None:
+                value_state = {k: v.cpu() for k, v in value_head.state_dict().items()}
             plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint",
-                                   {"value_head.pt": value_state, plumbing.TRAINING_STATE: training})
+                                     {"value_head.pt": value_state, plumbing.TRAINING_STATE: training}, state_dict=weights)
             if args.lora_merge and step == args.steps:  # the adapters merged into a plain transformers model
                 plumbing.save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, run_dir / "checkpoint-merged",
                                        {"value_head.pt": value_state})
 
     eval_scores, stop = {}, False
     try:
-        if eval_rows and rank == 0 and state is None:
-            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
+        if evaluates and state is None:
+            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True) if rank == 0 else None
             eval_scores = run_eval(0)
-            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True)
+            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True) if rank == 0 else None
         bar = tqdm(range(first_step, args.steps + 1), desc="ppo", mininterval=1, disable=rank != 0,
                    initial=first_step - 1, total=args.steps)
         for step in bar:
             # --- 1. rollouts: one completion per prompt ---
             t0 = time.time()
             rows = [train_rows[i] for i in torch.randint(len(train_rows), (B,), generator=rng).tolist()]
-            with common.autocast(device, args.dtype):
+            with common.autocast(device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
                 rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens, **sampling)
             mask = rollout.completion_mask  # [B, T]
             gen_seconds = time.time() - t0
@@ -411,7 +430,7 @@ def main(args: Args) -> Path:
                     loss = pg_loss + args.vf_coef * vf_loss
                     optimizer.zero_grad()
                     loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
                     plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                     optimizer.step()
                     stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(),
@@ -441,7 +460,7 @@ def main(args: Args) -> Path:
                 "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
             }
             metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
-            if world > 1:
+            if train_model is not model:  # DDP
                 metrics["dist/replica_spread"] = plumbing.replica_spread(model) + plumbing.replica_spread(value_head)
 
             # --- 7. adaptive KL coefficient, from this batch's mean sequence KL ---
@@ -449,14 +468,14 @@ def main(args: Args) -> Path:
                 beta = adaptive_kl_coef(beta, sequence_kl, target=args.kl_target, horizon=args.kl_horizon,
                                         n_steps=args.prompts_per_step)
 
-            # --- 8. logging and evaluation (rank 0); checkpoint every --save-interval, at the end, after a Ctrl-C ---
+            # --- 8. evaluation and logging (rank 0); checkpoint every --save-interval, at the end, after a Ctrl-C ---
+            if evaluates and (step % args.eval_interval == 0 or step == args.steps):
+                eval_scores = run_eval(step)
             if rank == 0:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, step)
                 if step % 10 == 1:
                     plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
-                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
-                    eval_scores = run_eval(step)
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
                                 kl=f"{metrics['objective/kl_k3_per_token']:.4f}",
                                 eval=f"{eval_scores.get('reward', float('nan')):.3f}")

@@ -123,6 +123,8 @@ class Args:
     """seeds prompts, sampling and initialisation"""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    fsdp: bool = False
+    """not supported by TRPO (see check_args); under torchrun it runs DDP, a copy of the model on each process"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
@@ -351,6 +353,9 @@ def check_args(args: Args) -> None:
                          "each process samples the same number of prompts")
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
+    if args.fsdp:  # torch.autograd.grad(..., params) would find the sharded parameters outside the graph
+        raise SystemExit("--fsdp: not supported by trpo.py. Its Fisher-vector products differentiate with respect to the "
+                         "parameters, twice; FSDP runs the forward on gathered copies of them. Use DDP (torchrun without --fsdp)")
 
 
 def main(args: Args) -> Path:

@@ -1,11 +1,13 @@
 """Two processes on the CPU (gloo) under torchrun, tiny models."""
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_grpo import scalars
 
@@ -40,8 +42,61 @@ def test_script_runs_under_torchrun_with_replicas_in_sync(script, extra, llama_f
     assert (tmp_path / "runs" / "ddp" / "checkpoint" / "config.json").is_file()
 
 
+def test_fsdp_training_equals_one_process_on_the_whole_batch(tmp_path):
+    result = torchrun(str(ROOT / "tests" / "fsdp_check.py"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": ok") == 12 and "MISMATCH" not in result.stdout  # 2 models × (2 + 2 × 2) checks
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("grpo.py", ["--group-size", "2", "--minibatch-size", "2"]),
+    ("ppo.py", ["--num-minibatches", "2"]),
+])
+def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, extra, llama_folder, tmp_path):
+    flags = [str(ROOT / script), "--model", llama_folder, "--task", "letter", "--prompts-per-step", "4", "--eval-prompts",
+             "4", "--max-new-tokens", "8", "--lr", "1e-3", *extra]
+    fsdp = ["--fsdp", "--gradient-checkpointing"]  # checkpointing changes no number: the runs stay comparable
+    for name, more in [("ddp", ["--steps", "2"]), ("fsdp", ["--steps", "2", *fsdp]), ("resumed", ["--steps", "1", *fsdp])]:
+        result = torchrun(*flags, *more, "--run-name", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    result = torchrun(str(ROOT / script), "--resume", "runs/resumed", "--steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = tmp_path / "runs"
+    ddp, sharded, resumed = (weights(runs / name / "checkpoint") for name in ("ddp", "fsdp", "resumed"))
+    start = weights(Path(llama_folder))
+    assert sorted(sharded) == sorted(ddp)  # the tied LM head written once, as save_pretrained does
+    assert max((sharded[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-5  # fp32 summation order
+    assert max((ddp[k] - start[k]).abs().max().item() for k in ddp) > 1e-4  # ... of steps that moved the weights
+    assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)  # resumed from step 1: bit for bit
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint")  # one process, no FSDP
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.architectures == ["LlamaForCausalLM"]
+    assert scalars(runs / "fsdp", "eval/reward") == scalars(runs / "ddp", "eval/reward")  # all processes evaluate under FSDP
+
+
 def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path):
-    result = torchrun(str(ROOT / "grpo.py"), "--prompts-per-step", "3", cwd=tmp_path)
+    result = torchrun(str(ROOT / "grpo.py"), "--prompts-per-step", "3", "--fsdp", cwd=tmp_path)
     assert result.returncode != 0
     assert "not divisible by the 2 processes" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script, flags, world, message", [
+    ("grpo", {"fsdp": True}, "1", "--fsdp shards the model over several processes: run under torchrun"),
+    ("ppo", {"fsdp": True, "lora_rank": 4}, "2", "--fsdp with --lora-rank is not supported"),
+    ("trpo", {"fsdp": True}, "2", "--fsdp: not supported by trpo.py"),
+])
+def test_fsdp_where_it_cannot_run_is_refused_before_anything_loads(script, flags, world, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as error:
+        module.main(module.Args(model=str(tmp_path / "never-read"), output_dir=str(tmp_path / "runs"), **flags))
+    assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "runs").exists()
