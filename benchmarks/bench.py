@@ -6,7 +6,8 @@
 
 The first word names the script (grpo, ppo, trpo, reward_model); everything after it is passed to
 that script's own `Args`. Figures come from the run's TensorBoard events and from the process:
-medians of the per-step timings, peak resident memory (CPU) or peak allocated memory (CUDA).
+medians of the per-step timings, peak resident memory (CPU) or peak allocated memory (CUDA); under
+torchrun rank 0 prints the figures and each other process its own peak memory.
 """
 
 import importlib
@@ -36,13 +37,14 @@ def main() -> None:
     start = time.time()
     run_dir = script.main(args)
     wall = time.time() - start
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+    peak_gb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports; the others their peak memory
+        print(f"rank {os.environ['RANK']}: peak_memory_gb {peak_gb:.2f}", flush=True)
         return
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    peak_gb = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
     figures = {"script": name, "args": " ".join(argv), "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "peak_memory_gb": round(peak_gb, 2)}
