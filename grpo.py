@@ -14,7 +14,7 @@ Left out: DAPO's dynamic sampling and overlong shaping, GSPO's sequence-level ra
 
 Walkthrough: docs/walkthrough.md §6 (group z-scores, k3, the loss), §1 (log-probabilities).
 Run: `python grpo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python grpo.py --help`.
-Several processes: `torchrun --nproc-per-node N grpo.py ...` (DDP; README, "Several processes").
+Several processes: `torchrun --nproc-per-node N grpo.py ...` (DDP; `--fsdp` shards the models; README, "Several processes").
 """
 
 import contextlib
@@ -332,7 +332,7 @@ def main(args: Args) -> Path:
                  else ""))
 
     # Rank 0 evaluates while the others wait; under FSDP every process takes part in the forward passes.
-    evaluates = eval_rows and (rank == 0 or args.fsdp)
+    evaluates = bool(eval_rows) and (rank == 0 or args.fsdp)
 
     def run_eval(step):
         with plumbing.gathered(model):
@@ -357,10 +357,12 @@ def main(args: Args) -> Path:
 
     scores, stop = {}, False
     try:
-        if evaluates and state is None:
-            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True) if rank == 0 else None
+        if evaluates and state is None:  # under FSDP all processes evaluate; rank 0 speaks
+            if rank == 0:
+                print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
             scores = run_eval(0)
-            print(f"held-out score before training: {scores['reward']:.3f}", flush=True) if rank == 0 else None
+            if rank == 0:
+                print(f"held-out score before training: {scores['reward']:.3f}", flush=True)
         bar = tqdm(range(first_step, args.steps + 1), desc="grpo", mininterval=1, disable=rank != 0,
                    initial=first_step - 1, total=args.steps)
         for step in bar:

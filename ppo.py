@@ -17,7 +17,7 @@ network, reward-model-based critic initialisation, gradient accumulation.
 
 Walkthrough: docs/walkthrough.md §4 (GAE, a worked example), §5 (the clip, the value loss).
 Run: `python ppo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python ppo.py --help`.
-Several processes: `torchrun --nproc-per-node N ppo.py ...` (DDP; README, "Several processes").
+Several processes: `torchrun --nproc-per-node N ppo.py ...` (DDP; `--fsdp` shards the models; README, "Several processes").
 """
 
 import copy
@@ -347,7 +347,7 @@ def main(args: Args) -> Path:
                  else ""))
 
     # Rank 0 evaluates while the others wait; under FSDP every process takes part in the forward passes.
-    evaluates = eval_rows and (rank == 0 or args.fsdp)
+    evaluates = bool(eval_rows) and (rank == 0 or args.fsdp)
 
     def run_eval(step):
         with plumbing.gathered(model):
@@ -376,10 +376,12 @@ def main(args: Args) -> Path:
 
     eval_scores, stop = {}, False
     try:
-        if evaluates and state is None:
-            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True) if rank == 0 else None
+        if evaluates and state is None:  # under FSDP all processes evaluate; rank 0 speaks
+            if rank == 0:
+                print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
             eval_scores = run_eval(0)
-            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True) if rank == 0 else None
+            if rank == 0:
+                print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True)
         bar = tqdm(range(first_step, args.steps + 1), desc="ppo", mininterval=1, disable=rank != 0,
                    initial=first_step - 1, total=args.steps)
         for step in bar:

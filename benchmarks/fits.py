@@ -1,4 +1,5 @@
-"""What fits where: the largest model grpo.py can train on one 24 GB or 80 GB GPU, by arithmetic.
+"""What fits where: the largest model grpo.py can train on one 24 GB or 80 GB GPU, or on eight 80 GB
+GPUs with --fsdp, by arithmetic.
 
     python benchmarks/fits.py [--tokens-per-pass 8192]
 
@@ -14,6 +15,10 @@ Memory of a training pass = the states that stay + the activations of one miniba
   its fp32 input (4 bytes per token and hidden unit) and one layer is recomputed at a time.
 - the logits of the pass: 4 bytes per token and vocabulary entry (bf16 logits kept for the
   backward pass, and their bf16 gradient).
+- FSDP over N GPUs (--fsdp, full fine-tuning only): the 20 bytes of states a parameter are split N
+  ways; on top, whichever is larger of the training pass (its activations and logits, one decoder
+  layer gathered in bf16 and the root's embeddings and LM head, 2 bytes a parameter) and generation
+  (every weight gathered once in bf16, 2 bytes a parameter: plumbing.gathered).
 Not counted: generation's key/value cache (another phase, usually smaller), the CUDA context and the
 allocator's fragmentation (keep ~10 % spare). Shapes from the models' published configs.
 """
@@ -37,11 +42,16 @@ SETUPS = {  # name: (bytes per parameter, gradient checkpointing)
 }
 
 
-def memory_gb(model: str, setup: str, tokens: int) -> float:
+def memory_gb(model: str, setup: str, tokens: int, gpus: int = 1) -> float:
+    """GB on each GPU; gpus > 1: FSDP over that many (full fine-tuning)."""
     params, layers, hidden, vocab = MODELS[model]
     per_param, checkpointing = SETUPS[setup]
     per_token = (4 * layers * hidden + C_ACTIVATION * hidden) if checkpointing else C_ACTIVATION * layers * hidden
-    return (per_param * params + tokens * (per_token + 4 * vocab)) / 1e9
+    training_pass = tokens * (per_token + 4 * vocab)
+    if gpus == 1:
+        return (per_param * params + training_pass) / 1e9
+    gathered = max(2 * (params / layers + vocab * hidden) + training_pass, 2 * params)  # training, or generation
+    return ((per_param - 2) * params / gpus + gathered) / 1e9
 
 
 def main() -> None:
@@ -49,14 +59,17 @@ def main() -> None:
     parser.add_argument("--tokens-per-pass", type=int, default=8192, help="real tokens in one minibatch's pass")
     tokens = parser.parse_args().tokens_per_pass
     print(f"GB for one pass of {tokens} tokens (prompts + completions of a minibatch):\n")
-    print("| model | " + " | ".join(SETUPS) + " |\n|---|" + "---|" * len(SETUPS))
+    fsdp = [s for s in SETUPS if not s.startswith("LoRA")]  # --fsdp refuses --lora-rank
+    columns = [*SETUPS, *(f"{s}, --fsdp on 8 (each)" for s in fsdp)]
+    print("| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for model in MODELS:
-        print(f"| {model} | " + " | ".join(f"{memory_gb(model, s, tokens):.1f}" for s in SETUPS) + " |")
-    print("\nLargest that fits (90 % of the card):\n\n| GPU | " + " | ".join(SETUPS) + " |\n|---|" + "---|" * len(SETUPS))
-    for gpu_gb in (24, 80):
-        best = [max((m for m in MODELS if memory_gb(m, s, tokens) <= 0.9 * gpu_gb), key=lambda m: MODELS[m][0],
-                    default="none") for s in SETUPS]
-        print(f"| {gpu_gb} GB | " + " | ".join(best) + " |")
+        figures = [memory_gb(model, s, tokens) for s in SETUPS] + [memory_gb(model, s, tokens, 8) for s in fsdp]
+        print(f"| {model} | " + " | ".join(f"{x:.1f}" for x in figures) + " |")
+    print("\nLargest that fits (90 % of each card):\n\n| GPUs | " + " | ".join(SETUPS) + " |\n|---|" + "---|" * len(SETUPS))
+    for gpu_gb, gpus in ((24, 1), (80, 1), (80, 8)):
+        best = [max((m for m in MODELS if memory_gb(m, s, tokens, gpus) <= 0.9 * gpu_gb), key=lambda m: MODELS[m][0],
+                    default="none") if gpus == 1 or s in fsdp else "(no LoRA with --fsdp)" for s in SETUPS]
+        print(f"| {f'8 × {gpu_gb} GB, --fsdp' if gpus > 1 else f'{gpu_gb} GB'} | " + " | ".join(best) + " |")
 
 
 if __name__ == "__main__":
