@@ -16,9 +16,10 @@ Memory of a training pass = the states that stay + the activations of one miniba
 - the logits of the pass: 4 bytes per token and vocabulary entry (bf16 logits kept for the
   backward pass, and their bf16 gradient).
 - FSDP over N GPUs (--fsdp, full fine-tuning only): the 20 bytes of states a parameter are split N
-  ways; on top, whichever is larger of the training pass (its activations and logits, one decoder
-  layer gathered in bf16 and the root's embeddings and LM head, 2 bytes a parameter) and generation
-  (every weight gathered once in bf16, 2 bytes a parameter: plumbing.gathered).
+  ways. The root's parameters (embeddings, LM head) stay gathered in bf16 after a forward, the
+  reference's for good (plumbing.shard): one vocabulary × hidden matrix each, 2 bytes an entry. On top,
+  the larger of the training pass (its activations and logits, one decoder layer gathered) and
+  generation (every weight of the policy gathered once, 2 bytes a parameter: plumbing.gathered).
 Not counted: generation's key/value cache (another phase, usually smaller), the CUDA context and the
 allocator's fragmentation (keep ~10 % spare). Shapes from the models' published configs.
 """
@@ -50,8 +51,10 @@ def memory_gb(model: str, setup: str, tokens: int, gpus: int = 1) -> float:
     training_pass = tokens * (per_token + 4 * vocab)
     if gpus == 1:
         return (per_param * params + training_pass) / 1e9
-    gathered = max(2 * (params / layers + vocab * hidden) + training_pass, 2 * params)  # training, or generation
-    return ((per_param - 2) * params / gpus + gathered) / 1e9
+    root = 2 * vocab * hidden  # an embedding matrix gathered in bf16
+    training = 2 * root + 2 * params / layers + training_pass  # the policy's and the reference's roots, one layer
+    generation = root + 2 * params  # the reference's root, the whole policy
+    return ((per_param - 2) * params / gpus + max(training, generation)) / 1e9
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ def check(what: str, ok: bool, detail: str = "") -> None:
         failures.append(what)
 
 
-def train(model, value_head, rows):
-    """STEPS optimizer steps on these rows of the batch, ROWS_PER_PASS rows per backward."""
+def train(model, value_head, rows, bf16: bool = False):
+    """STEPS optimizer steps on these rows of the batch, ROWS_PER_PASS rows per backward (bf16: under autocast)."""
     params = list(model.parameters()) + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
     num_tokens = plumbing.all_mean(mask[rows].sum().float()) if world_sharded(model) else mask.sum().float()
@@ -40,7 +40,9 @@ def train(model, value_head, rows):
         optimizer.zero_grad()
         for rows_mb in rows.split(ROWS_PER_PASS):
             mb = common.rollout_slice(rollout, rows_mb)
-            logits, hidden = common.forward_completion(model, mb, hidden=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits, hidden = common.forward_completion(model, mb, hidden=True)
+            hidden = hidden.float()
             logprobs = common.unpack(common.token_logprobs(logits, mb.completion_ids[mb.completion_mask.bool()]),
                                      mb.completion_mask)
             kl = grpo.kl_penalty(logprobs, ref_logprobs[rows_mb], logprobs.detach())
@@ -69,7 +71,7 @@ for arch in ["llama", "gpt2"]:
     advantages, returns = torch.randn(B), torch.randn(mask.shape)  # the same on every process: one seed
     with torch.no_grad():
         ref_logprobs = common.completion_logprobs(model, rollout, 1.0) + 0.1 * torch.randn(mask.shape)
-    start = copy.deepcopy(model)
+    start, start_head = copy.deepcopy(model), copy.deepcopy(value_head)
 
     # One process, the whole batch.
     whole, whole_head = copy.deepcopy(model), copy.deepcopy(value_head)
@@ -105,6 +107,20 @@ for arch in ["llama", "gpt2"]:
                                   common.padded_logprobs(whole, rollout, 1.0), atol=1e-5)
         check(f"{arch}: the gathered checkpoint loads in one process", same)
     dist.barrier()
+
+    if arch == "llama":  # bf16 mixed precision (FSDP's policy): near the fp32 result, master weights fp32
+        plumbing.shard(start, bf16=True)
+        plumbing.shard(start_head)
+        initial = plumbing.full_state_dict(start)
+        train(start, start_head, torch.arange(B)[rank * B // world : (rank + 1) * B // world], bf16=True)
+        state = plumbing.full_state_dict(start)
+        if rank == 0:
+            expected = whole.state_dict()
+            error = sum(((state[k] - expected[k]) ** 2).sum() for k in state).sqrt().item()
+            moved = sum(((expected[k] - initial[k]) ** 2).sum() for k in state).sqrt().item()
+            check("llama: bf16 parameters and fp32 reduction, FSDP vs fp32 one process", error < 0.1 * moved
+                  and all(p.dtype == torch.float32 for p in start.parameters()),
+                  f"(|difference| {error:.1e}, {error / moved:.1%} of the steps' {moved:.1e})")
 
 dist.destroy_process_group()
 sys.exit(1 if failures else 0)

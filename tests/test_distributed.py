@@ -45,7 +45,7 @@ def test_script_runs_under_torchrun_with_replicas_in_sync(script, extra, llama_f
 def test_fsdp_training_equals_one_process_on_the_whole_batch(tmp_path):
     result = torchrun(str(ROOT / "tests" / "fsdp_check.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": ok") == 12 and "MISMATCH" not in result.stdout  # 2 models × (2 + 2 × 2) checks
+    assert result.stdout.count(": ok") == 13 and "MISMATCH" not in result.stdout  # 2 models × (2 + 2 × 2), and bf16
 
 
 def weights(folder: Path) -> dict:
