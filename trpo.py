@@ -124,7 +124,7 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     fsdp: bool = False
-    """not supported by TRPO (see check_args); under torchrun it runs DDP, a copy of the model on each process"""
+    """not supported by TRPO: its Fisher-vector products need gradients FSDP cannot give. Under torchrun it runs DDP"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
