@@ -74,6 +74,9 @@ def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, ex
     assert max((sharded[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-5  # fp32 summation order
     assert max((ddp[k] - start[k]).abs().max().item() for k in ddp) > 1e-4  # ... of steps that moved the weights
     assert all(torch.equal(resumed[k], sharded[k]) for k in sharded)  # resumed from step 1: bit for bit
+    if script == "ppo.py":  # the value head, sharded on its own
+        heads = [torch.load(runs / name / "checkpoint" / "value_head.pt") for name in ("ddp", "fsdp")]
+        assert all((heads[0][k] - heads[1][k]).abs().max() < 1e-5 for k in heads[0]) and heads[0]["weight"].abs().max() > 1e-4
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint")  # one process, no FSDP
