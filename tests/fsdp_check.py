@@ -35,7 +35,7 @@ def train(model, value_head, rows, bf16: bool = False):
     """STEPS optimizer steps on these rows of the batch, ROWS_PER_PASS rows per backward (bf16: under autocast)."""
     params = list(model.parameters()) + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    num_tokens = plumbing.all_mean(mask[rows].sum().float()) if world_sharded(model) else mask.sum().float()
+    num_tokens = plumbing.all_mean(mask[rows].sum().float()) if plumbing.is_sharded(model) else mask.sum().float()
     for _ in range(STEPS):
         optimizer.zero_grad()
         for rows_mb in rows.split(ROWS_PER_PASS):
@@ -54,10 +54,6 @@ def train(model, value_head, rows, bf16: bool = False):
             loss.backward()
         plumbing.clip_grad_norm(params, 0.5)  # active: the gradients are larger
         optimizer.step()
-
-
-def world_sharded(model) -> bool:
-    return plumbing.is_sharded(model)
 
 
 for arch in ["llama", "gpt2"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_grpo import scalars
 
@@ -48,12 +49,6 @@ def test_fsdp_training_equals_one_process_on_the_whole_batch(tmp_path):
     assert result.stdout.count(": ok") == 13 and "MISMATCH" not in result.stdout  # 2 models × (2 + 2 × 2), and bf16
 
 
-def weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "model.safetensors")
-
-
 @pytest.mark.parametrize("script, extra", [
     ("grpo.py", ["--group-size", "2", "--minibatch-size", "2"]),
     ("ppo.py", ["--num-minibatches", "2"]),
@@ -68,8 +63,8 @@ def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, ex
     result = torchrun(str(ROOT / script), "--resume", "runs/resumed", "--steps", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = tmp_path / "runs"
-    ddp, sharded, resumed = (weights(runs / name / "checkpoint") for name in ("ddp", "fsdp", "resumed"))
-    start = weights(Path(llama_folder))
+    ddp, sharded, resumed = (load_file(runs / name / "checkpoint" / "model.safetensors") for name in ("ddp", "fsdp", "resumed"))
+    start = load_file(Path(llama_folder) / "model.safetensors")
     assert sorted(sharded) == sorted(ddp)  # the tied LM head written once, as save_pretrained does
     assert max((sharded[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-5  # fp32 summation order
     assert max((ddp[k] - start[k]).abs().max().item() for k in ddp) > 1e-4  # ... of steps that moved the weights
