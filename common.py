@@ -3,10 +3,10 @@
 1. Rollouts: batched sampling and the completion mask.
 2. Log-probabilities: the plain padded computation first, then the packed one the scripts use
    (tested equal to it in values and gradients).
-3. Tasks and rewards: the built-in prompts, rule rewards, a saved reward model, your own reward
+3. Tasks and rewards: the built-in prompts, rule rewards, reward-model scores, your own reward
    function, held-out evaluation.
-The plumbing (loading models, devices, logging, checkpoints, processes, stopping and resuming,
-checking flags) is in plumbing.py.
+It imports nothing else of the project: copy it alone. The run's machinery (loading models, devices,
+processes, logging, checkpoints, Ctrl-C and resuming, checking input) is in plumbing/.
 
 "Note N" refers to these details (Huang et al. 2024, "The N Implementation Details of RLHF with
 PPO"): 1. left-pad prompts, positions from the attention mask; 2. recompute log-probs in a separate
@@ -15,16 +15,12 @@ the first EOS, built by position (pad may equal eos); 4. dropout off; 5. the log
 predict token t+1; 6. the [batch, length, vocabulary] logits run out of memory first.
 """
 
-import json
 import math
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-import plumbing
 
 # ----------------------------------------------------------------------------------------------
 # 1. Rollouts
@@ -177,9 +173,10 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
     tokens in row-major order (`unpack` puts per-token values back into [B, T]); with hidden=True
     also the last hidden state [N, H] that predicts each of them, for a value head.
 
-    The LM head runs at those N positions only (note 6). What it requires of a model, checked once
-    by `plumbing.load_model` (`plumbing.check_lm_head`): SDPA attention that takes a 4-D additive mask, and logits that
-    are the LM head applied to the last hidden state (no soft-capping or scaling)."""
+    The LM head runs at those N positions only (note 6). What it requires of a model: attention that
+    takes a 4-D additive mask (SDPA or eager; plumbing's load_model asks for SDPA), and logits that are
+    the LM head applied to the last hidden state, no soft-capping or scaling (plumbing's check_lm_head
+    refuses other models when they load)."""
     device_type = next(model.parameters()).device.type  # the mask's dtype: the attention's
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
     packed = pack(rollout, group_size, dtype)
@@ -296,16 +293,9 @@ TASKS = ("arithmetic", "letter")
 LETTER = "a"  # the `letter` task rewards the share of this character: learnable in seconds
 
 
-def load_prompts(task: str, data: str | None, seed: int, n_eval: int = 64,
-                 eval_data: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompts: from the JSONL file `data` (held out: `eval_data`, else up to 10 % of
-    `data`, at most n_eval), or from the built-in `task`: "What is A + B?" (A, B in 1..50; a fixed
-    held-out split) or `letter`."""
-    if data is not None:
-        rows = plumbing.read_prompts(data)
-        random.Random(seed).shuffle(rows)
-        held_out = plumbing.read_prompts(eval_data)[:n_eval] if eval_data else rows[: min(n_eval, len(rows) // 10)]
-        return rows[0 if eval_data else len(held_out) :], held_out
+def task_prompts(task: str, seed: int, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompts of a built-in task: "What is A + B?" (A, B in 1..50; a fixed held-out
+    split), or `letter`. Prompts from a JSONL file (--data) are read by plumbing's load_prompts."""
     if task == "arithmetic":
         pairs = [(a, b) for a in range(1, 51) for b in range(1, 51)]
         random.Random(1234).shuffle(pairs)  # not the seed: held-out stays held out across seeds
@@ -366,24 +356,6 @@ def reward_model_scores(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
 
 
-class RewardScorer:
-    """A saved reward model (reward_model.py) as a reward function over texts, normalised to mean 0, std 1."""
-
-    def __init__(self, path: str, device: torch.device, dtype: str = "auto"):
-        self.model, self.tokenizer = plumbing.load_model(path, device, kind="reward")
-        self.norm, self.dtype = json.loads((Path(path) / plumbing.REWARD_NORM_FILE).read_text()), dtype
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> torch.Tensor:
-        scores = []
-        for i in range(0, len(prompts), batch_size):
-            enc = reward_model_inputs(self.tokenizer, prompts[i : i + batch_size], completions[i : i + batch_size],
-                                      self.norm["max_length"]).to(self.model.device)
-            with autocast(self.model.device, self.dtype):
-                scores.append(reward_model_scores(self.model, enc["input_ids"], enc["attention_mask"]))
-        return (torch.cat(scores).cpu() - self.norm["mean"]) / self.norm["std"]
-
-
 def call_reward_function(name: str, fn, rows: list[dict], completions: list[str]) -> torch.Tensor:
     """fn's rewards [N], NaN where it returned None ("does not apply"); a wrong count or a non-finite value stops the run."""
     values = fn(prompts=[r["prompt"] for r in rows], completions=completions, answer=[r["answer"] for r in rows])
@@ -395,10 +367,11 @@ def call_reward_function(name: str, fn, rows: list[dict], completions: list[str]
 
 
 def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_weight: float = 1.0,
-                    scorer: RewardScorer | None = None, scorer_weight: float = 1.0,
+                    scorer=None, scorer_weight: float = 1.0,
                     functions: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the rule rewards, the reward-model score and the user's reward functions
-    ({name: (fn, weight)}; None counts 0) -> ([N], {name: [N]})."""
+    """Weighted sum of the rule rewards, the reward-model score (scorer(prompts, completions) -> [N], such
+    as plumbing's RewardScorer) and the user's reward functions ({name: (fn, weight)}; None counts 0)
+    -> ([N], {name: [N]})."""
     parts = {name: (torch.tensor([fn(c, r["answer"]) for r, c in zip(rows, completions)]), rule_weight * weight)
              for name, (fn, weight) in rules.items()} if rule_weight != 0 else {}
     if scorer is not None:

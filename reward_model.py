@@ -14,7 +14,7 @@ Implemented: JSONL pairs or a built-in offline set from the `arithmetic` task, o
 sequence-classification head, held-out accuracy and loss in TensorBoard, `save_pretrained` output
 that the RL scripts take as `--reward-model PATH`. Left out: ties and margins, ensembles.
 
-Walkthrough: docs/walkthrough.md §2 (rules versus a reward model, Bradley-Terry).
+Walkthrough: docs/walkthrough.md §7 (Where the reward comes from).
 Run: `python reward_model.py` (embedded SmolLM2-135M-Instruct, built-in pairs), `--help`.
 """
 
@@ -88,7 +88,7 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     """Offline pairs from the arithmetic task: chosen is the bare correct number; rejected is a wrong
     number, a wrong number in a sentence, or the right number buried in a sentence."""
     rng = random.Random(seed)
-    train, _ = common.load_prompts("arithmetic", None, seed)  # never the RL scripts' held-out prompts
+    train, _ = common.task_prompts("arithmetic", seed)  # never the RL scripts' held-out prompts
     pairs = []
     for row in train[:n]:
         answer = int(row["answer"])

@@ -18,81 +18,49 @@ trained separately (a linear head on the policy's detached last hidden state, it
 or from group z-scores (as in grpo.py) with --advantage group.
 
 Implemented: all parameters or the top N layers under the trust region, a Fisher subsample, CG
-damping. Left out: a separate value network. The Fisher pass runs attention as plain operations
-(fused attention kernels have no double backward), and the policy math runs in fp32.
+damping. Left out: a separate value network, FSDP (see --fsdp). The Fisher pass runs attention as
+plain operations (fused attention kernels have no double backward), and the policy math runs in fp32.
 
-Walkthrough: docs/walkthrough.md §3 (surrogate, KL constraint, CG, line search), §4 (GAE).
+Walkthrough: docs/walkthrough.md §5 (TRPO and PPO: improve the surrogate, stay close to π_old), §3 (A value model as the baseline: returns and GAE).
 Run: `python trpo.py --trust-region-layers 2` (embedded SmolLM2-135M-Instruct), `python trpo.py --help`.
 Several processes: `torchrun --nproc-per-node N trpo.py ...` (DDP; README, "Several processes").
+The run's machinery (loading, processes, checkpoints, Ctrl-C, logging) is in plumbing/; the loop is `main`.
 """
 
-import copy
-import functools
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
 import common
 import plumbing
 
 
 @dataclass
-class Args:
-    model: str = plumbing.EMBEDDED_MODEL
-    """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
-    task: str = "arithmetic"
-    """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
-    data: str | None = None
-    """JSONL file of {"prompt", "answer"?} lines; replaces the built-in task (up to 10 % held out, see --eval-data)"""
-    eval_data: str | None = None
-    """JSONL file of held-out prompts (with --data: then all of --data trains)"""
-    reward_model: str | None = None
-    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
-    reward_model_weight: float = 1.0
-    """weight of the reward-model score in the total score"""
-    rule_weight: float = 1.0
-    """weight of the task's rule rewards in the total score (0: reward model alone)"""
-    format_weight: float = 0.0
-    """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
-    reward_fn: str | None = None
-    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
-    reward_fn_weight: float = 1.0
-    """weight of --reward-fn in the total score"""
-    steps: int = 100
-    """number of iterations (one batch of rollouts and one trust-region step each)"""
+class Args(plumbing.RLArgs):
+    """TRPO's flags; the flags every script shares (--model, --data, --steps, --seed, ...) come from plumbing.RLArgs."""
+
+    fsdp: bool = False
+    """not supported by TRPO: its Fisher-vector products need gradients FSDP cannot give. Under torchrun it runs DDP"""
+
     prompts_per_step: int = 16
-    """distinct prompts per iteration"""
+    """distinct prompts per step (over all processes)"""
     group_size: int = 1
     """completions per prompt (at least 2 with --advantage group)"""
-    max_new_tokens: int = 32
-    """completion budget; completions without EOS by then get --missing-eos-penalty"""
-    temperature: float = 1.0
-    """sampling temperature; log-probabilities use the same temperature"""
-    top_p: float = 1.0
-    """nucleus sampling, 0 < top_p ≤ 1 (1: off). Ratios and KL use the full softmax, as TRL's do"""
-    top_k: int = 0
-    """sample among the k most likely tokens only (0: off)"""
-    min_p: float = 0.0
-    """sample among tokens at least min_p times as likely as the most likely one (0: off)"""
-    max_prompt_length: int | None = None
-    """keep the last this many tokens of longer prompts (None: all); the share is logged"""
     advantage: Literal["gae", "group"] = "gae"
     """`gae`: value head + GAE on the KL-penalised reward; `group`: z-score of the score within each group"""
     beta: float = 0.05
     """β: KL-to-reference penalty in the per-token reward (gae only; 0 skips the reference pass)"""
     gamma: float = 1.0
-    """γ: discount"""
+    """γ: discount (gae only)"""
     lam: float = 0.95
-    """λ: GAE parameter"""
+    """λ: GAE parameter (gae only)"""
     whiten_advantages: bool = True
-    """whiten advantages over the batch (masked)"""
+    """whiten advantages over the batch, masked (gae only)"""
     missing_eos_penalty: float | None = -1.0
     """score given instead of the task/reward-model score to completions with no EOS (None: off)"""
     max_kl: float = 0.01
@@ -110,31 +78,9 @@ class Args:
     trust_region_layers: int | None = None
     """train only the top N transformer layers (None: all parameters); keeps CG affordable on bigger models"""
     value_lr: float = 1e-3
-    """Adam learning rate of the value head"""
+    """Adam learning rate of the value head (gae only)"""
     value_iters: int = 20
-    """value-head gradient steps per iteration (full batch)"""
-    eval_interval: int = 20
-    """greedy held-out evaluation every this many iterations (and before the first, and after the last)"""
-    eval_prompts: int = 64
-    """size of the held-out prompt set (0: no evaluation)"""
-    save_interval: int = 50
-    """checkpoint every this many iterations, and at the end"""
-    seed: int = 1
-    """seeds prompts, sampling and initialisation"""
-    device: str = "auto"
-    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
-    fsdp: bool = False
-    """not supported by TRPO: its Fisher-vector products need gradients FSDP cannot give. Under torchrun it runs DDP"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast for generation only (`auto`: on CUDA); the trust-region math is fp32"""
-    output_dir: str = "runs"
-    """TensorBoard events and checkpoints go to output_dir/run_name"""
-    run_name: str | None = None
-    """default: trpo_<task>_<seed>_<time>"""
-    resume: str | None = None
-    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
+    """value-head gradient steps per step, full batch (gae only)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,20 +278,15 @@ def transformer_layers(model) -> torch.nn.ModuleList:
     return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 
 
-# Valid values of the numeric flags ("(": that end excluded). Checked before anything loads.
-RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
-          "steps": "[1, inf)", "prompts_per_step": "[1, inf)", "group_size": "[1, inf)", "max_new_tokens": "[1, inf)",
-          "temperature": "(0, inf)", "top_p": "(0, 1]", "beta": "[0, inf)", "gamma": "[0, 1]", "lam": "[0, 1]",
-          "missing_eos_penalty": "[-inf, inf]", "max_kl": "(0, inf)", "cg_iters": "[1, inf)", "cg_damping": "[0, inf)",
-          "line_search_steps": "[1, inf)", "line_search_shrink": "(0, 1)", "fisher_fraction": "(0, 1]",
-          "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)",
-          "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)", "save_interval": "[1, inf)",
-          "reward_fn_weight": "[-inf, inf]", "top_k": "[0, inf)", "min_p": "[0, 1)", "max_prompt_length": "[1, inf)"}
-MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+# Valid values of TRPO's numeric flags ("(": that end excluded; the shared ones: plumbing.RANGES).
+RANGES = {"prompts_per_step": "[1, inf)", "group_size": "[1, inf)", "beta": "[0, inf)", "gamma": "[0, 1]",
+          "lam": "[0, 1]", "missing_eos_penalty": "[-inf, inf]", "max_kl": "(0, inf)", "cg_iters": "[1, inf)",
+          "cg_damping": "[0, inf)", "line_search_steps": "[1, inf)", "line_search_shrink": "(0, 1)",
+          "fisher_fraction": "(0, 1]", "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)"}
 
 
 def check_args(args: Args) -> None:
-    """Every error that can be found before a model is loaded or a file written."""
+    """TRPO's own errors, found before a model is loaded or a file written."""
     plumbing.check_ranges(args, RANGES)
     world = plumbing.world_size()
     if args.prompts_per_step % world:
@@ -358,97 +299,42 @@ def check_args(args: Args) -> None:
                          "parameters, twice; FSDP runs the forward on gathered copies of them. Use DDP (torchrun without --fsdp)")
 
 
-def main(args: Args) -> Path:
-    # --- checks, before anything is loaded or written ---
-    state = None
-    if args.resume:
-        args, state = plumbing.resume(args, "trpo", MAY_CHANGE)
-    check_args(args)
-    train_rows, eval_rows = common.load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-    plumbing.check_rewards(args.data, train_rows + eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-    functions = dict([plumbing.load_reward_function(args.reward_fn)]) if args.reward_fn else {}
-    plumbing.check_model_name(args.model)
-    prompts_name = args.task if args.data is None else Path(args.data).stem
-    run_dir = Path(args.resume) if args.resume else plumbing.run_folder(args.output_dir, args.run_name,
-                                                                       f"trpo_{prompts_name}_{args.seed}")
-    device = plumbing.pick_device(args.device)
-
-    # --- set-up: processes, policy, value head, reference, logging ---
-    rank, world = plumbing.init_distributed(device), plumbing.world_size()
-    plumbing.set_seed(args.seed)
-    model, tokenizer = plumbing.load_model(args.model, device)
-    if args.gradient_checkpointing:
-        plumbing.enable_gradient_checkpointing(model)
+def main(args: Args):
+    # --- set-up: every check before anything loads; processes; policy, reference, value head ---
+    run = plumbing.Run("trpo", args, check_args)  # --resume, prompts, rewards, run folder, device, processes
+    args, device = run.args, run.device
     use_ref = args.advantage == "gae" and args.beta != 0
-    ref_model = copy.deepcopy(model).requires_grad_(False) if use_ref else None
+    # No DDP wrapper: trpo_step averages the gradient and the Fisher-vector products over processes itself.
+    model, ref_model, _, tokenizer = plumbing.load_policy(args, run, reference=use_ref, ddp=False)
     if args.trust_region_layers is not None:
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
-    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
     torch.nn.init.zeros_(value_head.bias)
-    value_optimizer = torch.optim.Adam(value_head.parameters(), lr=args.value_lr)
-    scorer = common.RewardScorer(args.reward_model, device, args.dtype) if args.reward_model else None
-    rules = common.rule_rewards(args.task, args.data, train_rows, args.format_weight)
-    reward_fn = functools.partial(common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
-                                  scorer_weight=args.reward_model_weight,  # (rows, completions) -> (total, parts)
-                                  functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                    max_prompt_length=args.max_prompt_length)
-    # Under torchrun each process samples prompts_per_step / world prompts (seed + rank).
-    G, n_prompts = args.group_size, args.prompts_per_step // world
-    rng = torch.Generator().manual_seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    first_step = 1
-    if state is not None:  # --resume: weights, value head and its optimizer, every random state
-        plumbing.load_weights(model, run_dir / "checkpoint")
-        value_head.load_state_dict(torch.load(run_dir / "checkpoint" / "value_head.pt", map_location=device))
-        value_optimizer.load_state_dict(state["value_optimizer"])
-        plumbing.set_rng_states(state["rng"], rng)
-        first_step = state["step"] + 1
-    writer = plumbing.make_writer(run_dir, args, first_step) if rank == 0 else None
-    interrupt = plumbing.Interrupt()
-    if rank == 0:
+    value_optimizer = torch.optim.Adam(run.resumed(value_head, "value_head").parameters(), lr=args.value_lr)
+    saved = run.restore(model)  # seeds (seed + rank), or the last checkpoint's random states
+    if saved:
+        value_optimizer.load_state_dict(saved["value_optimizer"])
+    G, n_prompts = args.group_size, args.prompts_per_step // run.world  # each process samples its share
+    if run.rank == 0:
         print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
-        print(f"run folder: {run_dir}; {len(train_rows)} training prompts, {len(eval_rows)} held out"
-              + (" (too few to hold any out: pass --eval-data)" if args.data and args.eval_prompts and not eval_rows
-                 else ""))
 
-    def run_eval(step):
-        scores = common.evaluate(model, tokenizer, eval_rows, reward_fn, args.max_new_tokens, args.dtype)
-        for k, v in scores.items():
-            writer.add_scalar(f"eval/{k}", v, step)
-        return scores
-
-    saved = [first_step - 1 if state else None]  # the step of the last checkpoint
-
-    def save(step):  # collective under torchrun (every process's random state); rank 0 writes
-        saved[0] = step
-        training = {"script": "trpo", "step": step, "args": asdict(args), "rng": plumbing.rng_states(rng),
-                    "value_optimizer": value_optimizer.state_dict()}
-        if rank == 0:
-            plumbing.save_checkpoint(model, tokenizer, run_dir / "checkpoint", {
-                "value_head.pt": {k: v.cpu() for k, v in value_head.state_dict().items()}, plumbing.TRAINING_STATE: training})
-
-    eval_scores, stop = {}, False
-    try:
-        if eval_rows and rank == 0 and state is None:
-            print(f"evaluating on {len(eval_rows)} held-out prompts (greedy) ...", flush=True)
-            eval_scores = run_eval(0)
-            print(f"held-out score before training: {eval_scores['reward']:.3f}", flush=True)
-        bar = tqdm(range(first_step, args.steps + 1), desc="trpo", mininterval=1, disable=rank != 0,
-                   initial=first_step - 1, total=args.steps)
-        for step in bar:
+    with run:  # the logs, Ctrl-C, the last line and the process group, whatever happens
+        run.evaluate(0, model, tokenizer)
+        for step in run.steps():
             # --- 1. rollouts: G completions for each prompt, and their scores ---
             t0 = time.time()
-            picks = torch.randint(len(train_rows), (n_prompts,), generator=rng).tolist()
-            rows = [train_rows[i] for i in picks for _ in range(G)]
+            picks = torch.randint(len(run.train_rows), (n_prompts,), generator=run.rng).tolist()
+            rows = [run.train_rows[i] for i in picks for _ in range(G)]
             with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [train_rows[i]["prompt"] for i in picks],
-                                          args.max_new_tokens, group_size=G, **sampling)
+                rollout = common.generate(model, tokenizer, [run.train_rows[i]["prompt"] for i in picks],
+                                          args.max_new_tokens, group_size=G, temperature=args.temperature,
+                                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                          max_prompt_length=args.max_prompt_length)
             mask = rollout.completion_mask  # [B, T]
-            scores, parts = reward_fn(rows, rollout.texts)
+            scores, parts = run.reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:
                 scores = torch.where(rollout.truncated.cpu(), args.missing_eos_penalty, scores)
             scores = scores.to(device)
@@ -472,12 +358,12 @@ def main(args: Args) -> Path:
                 advantages = group_advantages(scores, G, mask)
 
             # --- 4. the trust-region step on the policy; 5. the value head, trained separately ---
-            result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, args, rng)
+            result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, args, run.rng)
             value_loss = fit_value_head(value_head, value_optimizer, hidden, returns, mask,
                                         args.value_iters) if args.advantage == "gae" else 0.0
             update_seconds = time.time() - t1
 
-            # --- 6. logging: figures averaged over processes, written by rank 0 ---
+            # --- 6. evaluation and logging (each figure is this process's, then averaged over processes) ---
             lengths = mask.sum(1).float()
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
@@ -496,42 +382,15 @@ def main(args: Args) -> Path:
                 "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,
                 "time/tokens_per_s": lengths.sum() / gen_seconds, "time/update_tokens_per_s": lengths.sum() / update_seconds,
             }
-            metrics = plumbing.reduce_metrics(metrics, device)  # one host sync (and one all-reduce) per step
-            if world > 1:
-                metrics["dist/replica_spread"] = plumbing.replica_spread(model) + plumbing.replica_spread(value_head)
-            if rank == 0:
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, step)
-                if step % 10 == 1:
-                    plumbing.log_samples(writer, step, [r["prompt"] for r in rows], rollout.texts, scores)
-                if eval_rows and (step % args.eval_interval == 0 or step == args.steps):
-                    eval_scores = run_eval(step)
-                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
-                                kl=f"{metrics['objective/kl_k3_per_token']:.4f}" if use_ref else "-",
-                                tr_kl=f"{result['kl']:.4f}", tries=result["tries"],
-                                eval=f"{eval_scores.get('reward', float('nan')):.3f}")
+            run.evaluate(step, model, tokenizer)
+            run.log(step, metrics, [r["prompt"] for r in rows], rollout.texts, scores, replicas=(model, value_head),
+                    show={"score": "objective/scores", "kl": "objective/kl_k3_per_token", "tr_kl": "trpo/kl_after",
+                          "tries": "trpo/line_search_tries"})
 
-            # --- 7. checkpoint (policy + value head): every --save-interval, at the end, after a Ctrl-C ---
-            stop = interrupt.stop_now(device)
-            if step % args.save_interval == 0 or step == args.steps or stop:
-                save(step)
-            if stop:
-                break
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint as it was
-        stop = True
-    finally:
-        interrupt.close()
-        if writer is not None:
-            writer.close()
-    if world > 1:
-        torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        plumbing.end_of_run("trpo", run_dir, stop, saved[0], eval_scores.get("reward", float("nan")), args.steps,
-                            args.steps != Args.steps)
-    if stop:
-        raise SystemExit(130)
-    return run_dir
+            # --- 7. checkpoint (policy, value head and its optimizer): every --save-interval, at the end, after a Ctrl-C ---
+            run.checkpoint(step, model, tokenizer, modules={"value_head": value_head},
+                           state={"value_optimizer": value_optimizer.state_dict()})
+    return run.folder
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import plumbing  # noqa: E402
 
 torch.manual_seed(0)
 model, tok = plumbing.load_model("smollm2", torch.device("cpu"))
-train, _ = common.load_prompts("arithmetic", None, 1)
+train, _ = plumbing.load_prompts("arithmetic", None, 1)
 prompts = [r["prompt"] for r in train[:4]]
 for top_p in (0.9, 0.95):
     r = common.generate(model, tok, prompts, 32, temperature=1.0, top_p=top_p, group_size=4)

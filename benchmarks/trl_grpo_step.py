@@ -21,7 +21,7 @@ import plumbing  # noqa: E402
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 checkpointing = sys.argv[2:] == ["--gradient-checkpointing"]  # TRL's own default is on; the target's settings, off
 torch.set_num_threads(torch.get_num_threads())
-train, _ = common.load_prompts("arithmetic", None, seed=1)
+train, _ = plumbing.load_prompts("arithmetic", None, seed=1)
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                              for r in train[:400]])
 

@@ -111,9 +111,9 @@ def test_rule_rewards():
 
 
 def test_arithmetic_prompts_train_and_heldout_are_disjoint_and_seeded():
-    train, held = common.load_prompts("arithmetic", None, seed=0)
+    train, held = plumbing.load_prompts("arithmetic", None, seed=0)
     assert len(held) == 64 and not {r["prompt"] for r in held} & {r["prompt"] for r in train}
-    assert common.load_prompts("arithmetic", None, seed=5)[1] == held  # held-out does not move with the seed
+    assert plumbing.load_prompts("arithmetic", None, seed=5)[1] == held  # held-out does not move with the seed
     a, b = map(int, held[0]["prompt"].split("What is ")[1].split("?")[0].split(" + "))
     assert held[0]["answer"] == str(a + b)
 
@@ -122,10 +122,10 @@ def test_jsonl_bad_line_is_reported_with_its_number(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "ok", "answer": 1}) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"p.jsonl:2: not valid JSON"):
-        common.load_prompts("arithmetic", str(path), seed=0)[0]
+        plumbing.load_prompts("arithmetic", str(path), seed=0)[0]
     path.write_text(json.dumps({"question": "no prompt field"}) + "\n")
     with pytest.raises(SystemExit, match=r"p.jsonl:1: needs .*\"prompt\""):
-        common.load_prompts("arithmetic", str(path), seed=0)[0]
+        plumbing.load_prompts("arithmetic", str(path), seed=0)[0]
 
 
 def test_prompt_format_uses_chat_template_only_when_there_is_one():
@@ -155,7 +155,7 @@ def test_save_checkpoint_replaces_the_old_one_and_loads(gpt2_folder, tmp_path):
 
 
 def test_compute_rewards_weights_the_arithmetic_rules():
-    train, _ = common.load_prompts("arithmetic", None, seed=0)
+    train, _ = plumbing.load_prompts("arithmetic", None, seed=0)
     rows = train[:3]
     answers = [r["answer"] for r in rows]
     completions = [answers[0], f"It is {answers[1]}", "no idea"]
@@ -169,8 +169,8 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
     with pytest.raises(SystemExit, match="--reward-model"):
-        plumbing.check_rewards(str(path), common.load_prompts("arithmetic", str(path), seed=0)[0], None)
-    assert common.rule_rewards("arithmetic", str(path), common.load_prompts("arithmetic", str(path), seed=0)[0]) == {}
+        plumbing.check_rewards(str(path), plumbing.load_prompts("arithmetic", str(path), seed=0)[0], None)
+    assert common.rule_rewards("arithmetic", str(path), plumbing.load_prompts("arithmetic", str(path), seed=0)[0]) == {}
     with pytest.raises(SystemExit, match="--rule-weight 0 leaves no reward"):
         plumbing.check_rewards(None, [], None, rule_weight=0.0)
 
@@ -206,7 +206,7 @@ def test_hub_id_without_name_resolution_uses_the_local_cache_or_fails_at_once(tm
 def test_embedded_model_is_rebuilt_as_a_plain_fp32_model_with_the_same_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(plumbing, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(plumbing.models, "CACHE_DIR", tmp_path)
     folder = plumbing.embedded_model_folder()  # converts the GGUF file once (~20 s)
     model, tokenizer = plumbing.load_model(plumbing.EMBEDDED_MODEL, torch.device("cpu"))
     assert folder.startswith(str(tmp_path)) and not hasattr(model.config, "quantization_config")
@@ -321,3 +321,16 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train():
         assert not torch.equal(common.completion_logprobs(lora, rollout, 1.0), base)
         with plumbing.adapters_off(lora):
             torch.testing.assert_close(common.completion_logprobs(lora, rollout, 1.0), base, atol=1e-6, rtol=0)
+
+
+def test_common_imports_nothing_else_of_the_project():
+    """common.py is the core a reader copies alone: importing it loads no other file of the project."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = {p.stem for p in root.glob("*.py")} | {"plumbing"}
+    code = f"import sys, common; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(project)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['common']"

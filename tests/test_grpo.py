@@ -293,3 +293,25 @@ def test_grpo_variants_run_end_to_end(llama_folder, tmp_path):
     assert len(scalars(run_dir, "reward/overlong")) == 2 and all(v > 0 for v in scalars(run_dir, "completion/prompts_truncated"))
     lrs = scalars(run_dir, "train/lr")
     assert lrs[0] == pytest.approx(5e-6 / 2)  # the warmup's first step
+
+
+def test_k3_gradient_is_the_forward_kl_and_k3_ratio_the_reverse_on_policy():
+    """Expected over tokens sampled from π_θ (summed exactly over a 5-token vocabulary): ∇k3 is the gradient
+    of KL(π_ref ‖ π_θ), ∇(ρ·k3) at ρ = 1 that of KL(π_θ ‖ π_ref), and ∇k1 is zero (kl_penalty's docstring)."""
+    torch.manual_seed(0)
+    theta, ref = torch.randn(5, requires_grad=True), torch.randn(5).log_softmax(0)
+
+    def expected_gradient(estimator):
+        logp = theta.log_softmax(0)
+        per_token = grpo.kl_penalty(logp, ref, logp.detach(), estimator)  # each token as the sampled one
+        return torch.autograd.grad((logp.exp().detach() * per_token).sum(), theta)[0]
+
+    def kl_gradient(forward: bool):
+        logp = theta.log_softmax(0)
+        kl = (ref.exp() * (ref - logp)).sum() if forward else (logp.exp() * (logp - ref)).sum()
+        return torch.autograd.grad(kl, theta)[0]
+
+    torch.testing.assert_close(expected_gradient("k3"), kl_gradient(forward=True))
+    torch.testing.assert_close(expected_gradient("k3_ratio"), kl_gradient(forward=False))
+    torch.testing.assert_close(expected_gradient("k1"), torch.zeros(5), atol=1e-6, rtol=0)
+    assert not torch.allclose(kl_gradient(forward=True), kl_gradient(forward=False), atol=1e-3)

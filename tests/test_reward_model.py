@@ -48,7 +48,7 @@ def test_tiny_reward_model_separates_held_out_pairs(trained_rm):
 
 
 def test_scores_do_not_depend_on_padding_side_or_batch(trained_rm):
-    scorer = common.RewardScorer(str(trained_rm / "checkpoint"), torch.device("cpu"))
+    scorer = plumbing.RewardScorer(str(trained_rm / "checkpoint"), torch.device("cpu"))
     prompts = ["Question 1: sun?", "Question 2: a much longer question with many words?", "Q3"]
     completions = ["yes sun", "no", "yes and a longer answer than the others"]
     left = scorer(prompts, completions)
@@ -66,15 +66,15 @@ def test_reloaded_reward_model_reproduces_the_saved_normalisation(trained_rm):
     pairs = reward_model.read_pairs(str(trained_rm.parent / "pairs.jsonl"))
     random.Random(1).shuffle(pairs)  # main()'s split: seed 1, 10 % held out first
     train = pairs[max(1, int(len(pairs) * 0.1)):]
-    scorer = common.RewardScorer(str(trained_rm / "checkpoint"), torch.device("cpu"))
+    scorer = plumbing.RewardScorer(str(trained_rm / "checkpoint"), torch.device("cpu"))
     scores = scorer([p["prompt"] for p in train] * 2, [p["chosen"] for p in train] + [p["rejected"] for p in train])
     assert abs(scores.mean().item()) < 1e-4 and abs(scores.std().item() - 1) < 1e-4
 
 
 def test_saved_reward_model_reloads_with_the_same_scores(trained_rm):
     path = str(trained_rm / "checkpoint")
-    a = common.RewardScorer(path, torch.device("cpu"))(["Question 9: moon?"] * 2, ["yes moon", "no moon"])
-    b = common.RewardScorer(path, torch.device("cpu"))(["Question 9: moon?"] * 2, ["yes moon", "no moon"])
+    a = plumbing.RewardScorer(path, torch.device("cpu"))(["Question 9: moon?"] * 2, ["yes moon", "no moon"])
+    b = plumbing.RewardScorer(path, torch.device("cpu"))(["Question 9: moon?"] * 2, ["yes moon", "no moon"])
     assert torch.equal(a, b)
 
 

@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically, and read back by --resume with every random state."""
+
+import json
+import random
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from plumbing.processes import world_size
+
+
+TRAINING_STATE = "training_state.pt"  # in checkpoint/ beside the model: what --resume needs besides the weights
+
+
+def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+    """`save_pretrained` into folder.tmp, then swap: a crash mid-save keeps the last good checkpoint.
+    extra: {file name: object} saved beside the model: `.json` names as JSON, others with torch.save.
+    state_dict: the weights to write (under FSDP, `full_state_dict`'s); default: the model's own."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        if name.endswith(".json"):
+            (tmp / name).write_text(json.dumps(obj))
+        else:
+            torch.save(obj, tmp / name)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_states(generator: torch.Generator) -> list[dict]:
+    """Every random state of every process, in rank order: Python's, torch's (CPU, CUDA), the prompt generator's."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if world_size() == 1:
+        return [state]
+    states = [None] * world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states: list[dict], generator: torch.Generator) -> None:
+    state = states[torch.distributed.get_rank() if world_size() > 1 else 0]
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume(args, script: str, may_change: tuple[str, ...]):
+    """(args, training state) to continue the run in the folder args.resume from its last checkpoint.
+    A flag given on this command line must equal the run's, except those in may_change; the others
+    are the run's."""
+    path = Path(args.resume) / "checkpoint" / TRAINING_STATE
+    if not path.is_file():
+        raise SystemExit(f"--resume {args.resume}: no checkpoint/{TRAINING_STATE} there; pass the folder of a run "
+                         f"of {script}.py that saved a checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["script"] != script:
+        raise SystemExit(f"--resume {args.resume}: a run of {state['script']}.py, not of {script}.py")
+    defaults, saved, given = asdict(type(args)()), state["args"], asdict(args)
+    changed = [k for k, v in given.items() if v != defaults[k] and v != saved[k] and k not in (*may_change, "resume")]
+    if changed:
+        raise SystemExit("--resume: " + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})"
+                                                  for k in changed) + " would change the run; only "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in may_change) + " may")
+    if len(state["rng"]) != world_size():
+        raise SystemExit(f"--resume: the run had {len(state['rng'])} process(es), this one {world_size()}; use as many")
+    return replace(type(args)(**saved), resume=args.resume, **{k: given[k] for k in may_change
+                                                               if given[k] != defaults[k]}), state
+
+
+def load_weights(model, folder: Path) -> None:
+    """A checkpoint's trained weights (or LoRA adapters) into `model`, in place: for --resume."""
+    if (folder / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict())

@@ -1,0 +1,188 @@
+"""Devices and processes: the GPU or the CPU, torchrun's process group, collectives, DDP and FSDP2."""
+
+import contextlib
+import math
+import os
+import random
+import warnings
+from datetime import timedelta
+
+import torch
+
+
+def world_size() -> int:
+    """Number of processes: WORLD_SIZE under torchrun, else 1. Readable before any set-up."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto`: CUDA when present, else CPU. Under torchrun, CUDA means this process's GPU, LOCAL_RANK,
+    made the current device before the process group starts."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        index = torch.device(device).index
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        if device != "cuda":
+            raise SystemExit(f"--device {device} under torchrun: pass --device cuda; each process takes GPU LOCAL_RANK")
+        device, index = f"cuda:{os.environ['LOCAL_RANK']}", int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible; under torchrun, "
+                         "use --nproc-per-node ≤ the number of GPUs")
+    if index is not None and device.startswith("cuda"):  # this process's GPU, before any CUDA work or process group
+        torch.cuda.set_device(torch.device(device))
+    return torch.device(device)
+
+
+def init_distributed(device: torch.device) -> int:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) -> this process's rank (0 alone).
+    The timeout covers rank 0 evaluating and saving alone while the others wait (NCCL's default: 10 min)."""
+    if world_size() == 1:
+        return 0
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
+                                         device_id=device if device.type == "cuda" else None)
+    return torch.distributed.get_rank()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over processes of a tensor (itself when alone)."""
+    if world_size() > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on every process (itself when alone): for decisions every process must share."""
+    return all_mean(torch.tensor(float(flag), device=device)).item() == 1.0
+
+
+def reduce_metrics(metrics: dict, device: torch.device) -> dict[str, float]:
+    """{name: scalar tensor or number} -> {name: float}, averaged over processes: one transfer, one all-reduce."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in metrics.values()])
+    return dict(zip(metrics, all_mean(values).tolist()))
+
+
+def replica_spread(model) -> float:
+    """max − min over processes of a checksum of the parameters (Σ p, accumulated in float64 without
+    a float64 copy): 0 when the replicas agree."""
+    checksum = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).sum().reshape(1)
+    parts = [torch.empty_like(checksum) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, checksum)
+    return (max(parts) - min(parts)).item()
+
+
+def shard(model, bf16: bool = False):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) over the torchrun processes: each decoder layer, then
+    the whole model -> the model, changed in place; build its optimizer after this.
+
+    Each process keeps 1/world of every parameter (and so of its gradient and AdamW state). A layer's
+    parameters are all-gathered for its forward and its backward and freed after each; the backward
+    reduce-scatters the gradients, averaged over processes, into each process's shard. The root's own
+    parameters (embeddings, final norm, LM head) stay gathered from its forward to its backward (FSDP's
+    default for the root): `common.forward_completion` applies the LM head's weight after the forward.
+    bf16: parameters gathered in bf16 for compute, gradients reduced in fp32 (FSDP's mixed precision)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The model returns views (the logits of its last position); nothing here changes them in place,
+    # which is what FSDP's warning about them is for.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    layer_names = getattr(model, "_no_split_modules", None) or ()  # transformers' name for its decoder layer class
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def distribute(module, fsdp: bool, bf16: bool = False):
+    """Under torchrun: with fsdp, `module` sharded in place (and returned); else a DistributedDataParallel
+    wrapper around it, for the loss's forward and backward (the bare module stays for generation).
+    Alone: the module itself."""
+    if world_size() == 1:
+        return module
+    if fsdp:
+        return shard(module, bf16=bf16)
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def is_sharded(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP: every layer's parameters all-gathered once, kept for the block (a token-by-token
+    generation would otherwise gather every layer at every step), then sharded again. Otherwise nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not model:  # the root keeps FSDP's default for it, False
+                unit.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(module) -> dict | None:
+    """Under FSDP: the whole state dict gathered onto rank 0's CPU (collective: every process calls it;
+    the others get {}). Otherwise None: the module's own, as save_pretrained takes it by default."""
+    if not is_sharded(module):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params, first = dict(module.named_parameters(remove_duplicate=False)), {}
+    for name, p in params.items():  # a tied weight (input embedding = LM head) is written once, as save_pretrained does
+        first.setdefault(p, name)
+    return {k: v for k, v in state.items() if k not in params or first[params[k]] == k}
+
+
+def optimizer_state(module, optimizer) -> dict:
+    """optimizer.state_dict(); under FSDP gathered whole onto rank 0 (collective), keyed by parameter name.
+    module: what holds every parameter the optimizer steps."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(module, optimizer, state: dict) -> None:
+    """The inverse of `optimizer_state`: under FSDP each process keeps its shard of the whole state."""
+    if not is_sharded(module):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ -> the norm before clipping, a plain tensor also under FSDP
+    (where torch returns it as a replicated DTensor, computed from the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Stop before a NaN/inf reaches the weights; the last checkpoint and the logs stay as they are."""
+    value = float(value.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value}; stopping. The last good checkpoint is kept.")

@@ -1,0 +1,383 @@
+"""A training run's life around its loop, for grpo.py, ppo.py and trpo.py: the flags they share, and `Run`.
+
+`Run` never calls algorithm code: the loop and its phases stay in each script, which hands it what
+it must save (the policy, the optimizer, PPO's β, a value head) explicitly.
+"""
+
+import copy
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import common
+from plumbing.checkpoints import TRAINING_STATE, rng_states, save_checkpoint, set_rng_states
+from plumbing.checkpoints import resume as read_resume
+from plumbing.inputs import check_fsdp, check_ranges, check_rewards, load_prompts, load_reward_function
+from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name
+from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state,
+                                optimizer_state, pick_device, reduce_metrics, replica_spread, set_seed, world_size)
+
+
+@dataclass
+class RLArgs:
+    """The flags of grpo.py, ppo.py and trpo.py that mean the same in each (each script's Args adds its own)."""
+
+    model: str = EMBEDDED_MODEL
+    """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
+    task: str = "arithmetic"
+    """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
+    data: str | None = None
+    """JSONL file of {"prompt", "answer"?} lines; replaces --task (up to 10 % held out, see --eval-data)"""
+    eval_data: str | None = None
+    """JSONL file of held-out prompts for --data (then all of --data trains)"""
+    reward_model: str | None = None
+    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
+    reward_model_weight: float = 1.0
+    """weight of the reward-model score in the total reward"""
+    rule_weight: float = 1.0
+    """weight of the task's rule rewards in the total reward (0: reward model or --reward-fn alone)"""
+    format_weight: float = 0.0
+    """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
+    reward_fn: str | None = None
+    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
+    reward_fn_weight: float = 1.0
+    """weight of --reward-fn in the total reward"""
+    steps: int = 100
+    """training steps, one batch of rollouts each"""
+    max_new_tokens: int = 32
+    """completion budget in tokens; a completion without EOS by then is truncated"""
+    temperature: float = 1.0
+    """sampling temperature; log-probabilities use the same temperature"""
+    top_p: float = 1.0
+    """nucleus sampling, 0 < top_p ≤ 1 (1: off). Ratios and KL use the full softmax, as TRL's do"""
+    top_k: int = 0
+    """sample among the k most likely tokens only (0: off)"""
+    min_p: float = 0.0
+    """sample among tokens at least min_p times as likely as the most likely one (0: off)"""
+    max_prompt_length: int | None = None
+    """keep the last this many tokens of longer prompts (None: all); the share cut is logged"""
+    eval_interval: int = 20
+    """greedy held-out evaluation every this many steps (and before the first, and after the last)"""
+    eval_prompts: int = 64
+    """size of the held-out prompt set (0: no evaluation)"""
+    save_interval: int = 50
+    """checkpoint every this many steps, and at the end"""
+    seed: int = 1
+    """seeds prompts, sampling and initialisation (process r of torchrun samples with seed + r)"""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    fsdp: bool = False
+    """under torchrun: shard the policy, its gradients and AdamW state, and the reference over the processes (FSDP2) instead of a copy on each (DDP)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
+    output_dir: str = "runs"
+    """TensorBoard events and checkpoints go to output_dir/run_name"""
+    run_name: str | None = None
+    """default: <script>_<task or data>_<seed>_<time>"""
+    resume: str | None = None
+    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
+
+
+@dataclass
+class TrainArgs(RLArgs):
+    """RLArgs and the optimizer and adapter flags of grpo.py and ppo.py (their --lr is each script's own)."""
+
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning rate after the warmup: constant, or decaying to 0 at --steps"""
+    warmup_steps: int = 0
+    """steps of linear warmup from 0"""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (torch's default, 0.01; TRL's is 0)"""
+    adam_beta1: float = 0.9
+    """AdamW β1"""
+    adam_beta2: float = 0.999
+    """AdamW β2"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    lora_rank: int = 0
+    """LoRA rank r: train peft adapters on the attention and MLP projections (0: full fine-tuning)"""
+    lora_alpha: float = 32.0
+    """LoRA scale α: the adapted weight is W + (α/r)·B A"""
+    lora_merge: bool = False
+    """with --lora-rank: also save checkpoint-merged/, the adapters merged into a plain transformers model"""
+
+
+# Valid values of the shared numeric flags ("(": that end excluded). Checked before anything loads.
+RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
+          "reward_fn_weight": "[-inf, inf]", "steps": "[1, inf)", "max_new_tokens": "[1, inf)",
+          "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)", "min_p": "[0, 1)",
+          "max_prompt_length": "[1, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)",
+          "save_interval": "[1, inf)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
+          "adam_beta2": "[0, 1)", "max_grad_norm": "(0, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+
+
+class Run:
+    """One run of grpo.py, ppo.py or trpo.py, around the loop that stays in the script:
+
+        run = Run("grpo", args, check_args)  # flags and files checked, run folder, device, processes, rewards
+        ...                                  # the policy (load_policy) and its optimizer (adamw)
+        run.restore(model, optimizer, scheduler)  # seeds, or --resume: the last checkpoint's states
+        with run:                            # Ctrl-C, the logs, the last line, leaving the process group
+            run.evaluate(0, model, tokenizer)
+            for step in run.steps():
+                ...                          # the algorithm's phases
+                run.evaluate(step, model, tokenizer)          # when due
+                run.log(step, metrics, prompts, completions, rewards)
+                run.checkpoint(step, model, tokenizer, optimizer, scheduler)  # when due, at the end, after Ctrl-C
+
+    Under torchrun every process makes the same calls: several are collective."""
+
+    def __init__(self, script: str, args: RLArgs, check_args):
+        # --- before anything is loaded or written: --resume, every flag, the prompts and rewards, the model's name ---
+        self.script, self.saved = script, None
+        if args.resume:
+            args, self.saved = read_resume(args, script, MAY_CHANGE)
+        check_ranges(args, {k: v for k, v in RANGES.items() if hasattr(args, k)})
+        check_args(args)
+        check_fsdp(args.fsdp, getattr(args, "lora_rank", 0))
+        if getattr(args, "lora_merge", False) and not args.lora_rank:
+            raise SystemExit("--lora-merge needs --lora-rank > 0")
+        self.args = args
+        self.train_rows, self.eval_rows = load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
+        check_rewards(args.data, self.train_rows + self.eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+        functions = dict([load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+        check_model_name(args.model)
+        name = args.task if args.data is None else Path(args.data).stem
+        self.folder = Path(args.resume) if args.resume else run_folder(args.output_dir, args.run_name,
+                                                                       f"{script}_{name}_{args.seed}")
+        # --- processes, the reward, the seed ---
+        self.device = pick_device(args.device)
+        self.rank, self.world = init_distributed(self.device), world_size()
+        scorer = RewardScorer(args.reward_model, self.device, args.dtype) if args.reward_model else None
+        rules = common.rule_rewards(args.task, args.data, self.train_rows, args.format_weight)
+        self.reward_fn = functools.partial(  # (rows, completions) -> (total [N], {name: [N]})
+            common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
+            scorer_weight=args.reward_model_weight, functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
+        set_seed(args.seed)
+        self.first_step, self.saved_step, self.stop, self.scores, self.writer = 1, None, False, {}, None
+
+    @property
+    def resuming(self) -> bool:
+        return self.saved is not None
+
+    def resumed(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
+        """module, with the weights the last checkpoint saved for it (name.pt) when resuming: before sharding."""
+        if self.resuming:
+            module.load_state_dict(torch.load(self.folder / "checkpoint" / f"{name}.pt", map_location=self.device))
+        return module
+
+    def restore(self, model, optimizer=None, scheduler=None, modules: dict | None = None) -> dict:
+        """Seed each process (seed + rank) and make `self.rng`, the prompts' generator; when resuming, the last
+        checkpoint's optimizer, schedule and random states -> the saved training state ({} for a new run).
+        modules: what the optimizer steps besides the model ({"value_head": ...}), as `checkpoint` takes it."""
+        self.rng = torch.Generator().manual_seed(self.args.seed + self.rank)
+        torch.manual_seed(self.args.seed + self.rank)
+        if not self.resuming:
+            return {}
+        if optimizer is not None:
+            load_optimizer_state(trained_modules(model, modules), optimizer, self.saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(self.saved["scheduler"])
+        set_rng_states(self.saved["rng"], self.rng)
+        self.first_step = self.saved["step"] + 1
+        self.saved_step = self.saved["step"]
+        return self.saved
+
+    def __enter__(self):
+        self.writer = make_writer(self.folder, self.args, self.first_step) if self.rank == 0 else None
+        self.interrupt = Interrupt()
+        if self.rank == 0:
+            a = self.args
+            print(f"run folder: {self.folder}; {len(self.train_rows)} training prompts, {len(self.eval_rows)} held out"
+                  + (" (too few to hold any out: pass --eval-data)" if a.data and a.eval_prompts and not self.eval_rows
+                     else ""))
+        return self
+
+    def steps(self):
+        """first_step, ..., --steps, with a progress bar; stops after the step that saw a Ctrl-C."""
+        self.bar = tqdm(range(self.first_step, self.args.steps + 1), desc=self.script, mininterval=1,
+                        disable=self.rank != 0, initial=self.first_step - 1, total=self.args.steps)
+        for step in self.bar:
+            yield step
+            if self.stop:
+                break
+
+    def evaluate(self, step: int, model, tokenizer) -> None:
+        """Greedy held-out evaluation, when due: before the first step of a new run, every --eval-interval
+        steps and after the last. Rank 0 evaluates while the others wait; under FSDP every process takes
+        part in the forward passes (collective), rank 0 speaks."""
+        a = self.args
+        due = (step == 0 and not self.resuming) or (step > 0 and (step % a.eval_interval == 0 or step == a.steps))
+        if not (due and self.eval_rows and (self.rank == 0 or a.fsdp)):
+            return
+        if step == 0 and self.rank == 0:
+            print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy) ...", flush=True)
+        with gathered(model):  # FSDP: every layer gathered once
+            self.scores = common.evaluate(model, tokenizer, self.eval_rows, self.reward_fn, a.max_new_tokens, a.dtype)
+        if self.writer is not None:
+            for k, v in self.scores.items():
+                self.writer.add_scalar(f"eval/{k}", v, step)
+        if step == 0 and self.rank == 0:
+            print(f"held-out score before training: {self.scores['reward']:.3f}", flush=True)
+
+    def log(self, step: int, metrics: dict, prompts: list[str], completions: list[str], rewards, show: dict,
+            replicas: tuple = ()) -> dict[str, float]:
+        """Each figure averaged over processes (one host sync, one all-reduce); rank 0 writes them, a few
+        samples every 10 steps, and `show` ({label: metric}) on the progress bar. replicas: under DDP,
+        the modules whose copies must agree (dist/replica_spread, 0 when they do)."""
+        metrics = reduce_metrics(metrics, self.device)
+        if self.world > 1 and not self.args.fsdp:
+            metrics["dist/replica_spread"] = sum(replica_spread(m) for m in replicas)
+        if self.rank == 0:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            if step % 10 == 1:
+                log_samples(self.writer, step, prompts, completions, rewards)
+            self.bar.set_postfix({**{label: f"{metrics[key]:.4g}" for label, key in show.items() if key in metrics},
+                                  "eval": f"{self.scores.get('reward', math.nan):.3f}"})
+        return metrics
+
+    def checkpoint(self, step: int, model, tokenizer, optimizer=None, scheduler=None, modules: dict | None = None,
+                   state: dict | None = None) -> None:
+        """Save every --save-interval steps, at the end, and after a Ctrl-C (which stops the run after this
+        step): the model (LoRA: its adapters) with save_pretrained, each of `modules` as name.pt beside it,
+        and the training state --resume needs (optimizer, schedule, every random state, `state`).
+        Collective under torchrun; rank 0 writes, atomically (save_checkpoint)."""
+        self.stop = self.interrupt.stop_now(self.device)
+        if not (step % self.args.save_interval == 0 or step == self.args.steps or self.stop):
+            return
+        self.saved_step, modules = step, modules or {}
+        weights = full_state_dict(model)  # under FSDP gathered on rank 0; else None: the model's own
+        files = {f"{name}.pt": full_state_dict(m) for name, m in modules.items()}
+        training = {"script": self.script, "step": step, "args": asdict(self.args), **(state or {})}
+        if scheduler is not None:
+            training["scheduler"] = scheduler.state_dict()
+        if optimizer is not None:
+            training["optimizer"] = optimizer_state(trained_modules(model, modules), optimizer)
+        training["rng"] = rng_states(self.rng)
+        if self.rank != 0:
+            return
+        for (name, weights_m), m in zip(list(files.items()), modules.values()):
+            files[name] = weights_m if weights_m is not None else {k: v.cpu() for k, v in m.state_dict().items()}
+        save_checkpoint(model, tokenizer, self.folder / "checkpoint", {**files, TRAINING_STATE: training},
+                        state_dict=weights)
+        if getattr(self.args, "lora_merge", False) and step == self.args.steps:  # adapters merged: a plain model
+            save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, self.folder / "checkpoint-merged", files)
+
+    def __exit__(self, kind, error, traceback):
+        """Close the logs whatever happened; a second Ctrl-C (KeyboardInterrupt) keeps the last checkpoint as it
+        was. After a normal end or a Ctrl-C: leave the process group together, print the last line, and exit
+        with status 130 after a Ctrl-C. Any other error goes on up, the last checkpoint and the logs in place."""
+        self.interrupt.close()
+        if self.writer is not None:
+            self.writer.close()
+        if kind is not None and kind is not KeyboardInterrupt:
+            return False
+        stopped = self.stop or kind is KeyboardInterrupt
+        if self.world > 1:
+            torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
+            torch.distributed.destroy_process_group()
+        if self.rank == 0:
+            end_of_run(self.script, self.folder, stopped, self.saved_step, self.scores.get("reward", math.nan),
+                       self.args.steps, self.args.steps != type(self.args).steps)
+        if stopped:
+            raise SystemExit(130)
+        return False
+
+
+def trained_modules(model, modules: dict | None):
+    """What an optimizer steps, as one module that names its parameters (FSDP's optimizer state is keyed by name)."""
+    return torch.nn.ModuleList([model, *modules.values()]) if modules else model
+
+
+def adamw(params, args: TrainArgs):
+    """AdamW (fused: one pass, no temporaries) and its schedule (`lr_scheduler`), stepped once a step."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, fused=True)
+    return optimizer, lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)
+
+
+def run_folder(output_dir: str, run_name: str | None, default_name: str) -> Path:
+    """output_dir/run_name (default: default_name plus the time); fails early when an earlier run
+    left files there, whose checkpoint this run would overwrite. Only rank 0, the writer, checks."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise SystemExit(f"--output-dir {output_dir}: a file, not a folder; pass a folder (it is created if missing)")
+    run_dir = Path(output_dir) / (run_name or f"{default_name}_{int(time.time())}")
+    if os.environ.get("RANK", "0") == "0" and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise SystemExit(f"{run_dir} holds an earlier run; pass another --run-name, or delete that folder")
+    return run_dir
+
+
+def make_writer(run_dir: Path, args, first_step: int = 1) -> SummaryWriter:
+    """TensorBoard writer in run_dir, with the hyperparameters as a markdown table. A resumed run
+    (first_step > 1) drops what an earlier writer logged from first_step on, so nothing is plotted twice."""
+    writer = SummaryWriter(str(run_dir), purge_step=first_step if first_step > 1 else None)
+    if first_step == 1:  # the resumed run's hyperparameters are the run's
+        table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    return writer
+
+
+def log_samples(writer: SummaryWriter, step: int, prompts: list[str], completions: list[str], rewards, n: int = 4):
+    rows = [f"| {p!r} | {c!r} | {float(r):.3f} |" for p, c, r in list(zip(prompts, completions, rewards))[:n]]
+    writer.add_text("samples", "| prompt | completion | reward |\n|-|-|-|\n" + "\n".join(rows), step)
+
+
+class Interrupt:
+    """Ctrl-C, twice over: the first lets the current step finish, after which the loop saves and stops
+    (`stop_now`); the second stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self, device: torch.device) -> bool:
+        """True when any process was interrupted: all processes stop after the same step."""
+        return all_mean(torch.tensor(float(self.requested), device=device)).item() > 0
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None, score: float, steps: int,
+               steps_changed: bool) -> None:
+    """The run's last line: its held-out score and checkpoint, or after a Ctrl-C the command that resumes it."""
+    checkpoint = run_dir / "checkpoint"
+    if stopped and saved_step is None:
+        print("stopped before the first checkpoint: nothing to resume")
+    elif stopped:
+        print(f"stopped; the checkpoint of step {saved_step} is in {checkpoint}. Resume with: "
+              f"python {script}.py --resume {run_dir}" + (f" --steps {steps}" if steps_changed else ""))
+    else:
+        print(f"done: held-out score {score:.3f} after {steps} steps; checkpoint: {checkpoint}; "
+              f"tensorboard --logdir {run_dir}")
+
+
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, steps: int):
+    """Linear warmup from 0 over warmup_steps, then constant, or linear or cosine decay to 0 at `steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+        return {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
