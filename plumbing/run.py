@@ -261,7 +261,7 @@ class Run:
             return
         self.saved_step, modules = step, modules or {}
         weights = full_state_dict(model)  # under FSDP gathered on rank 0; else None: the model's own
-        files = {f"{name}.pt": full_state_dict(m) for name, m in modules.items()}
+        module_weights = [full_state_dict(m) for m in modules.values()]  # likewise, each module's
         training = {"script": self.script, "step": step, "args": asdict(self.args), **(state or {})}
         if scheduler is not None:
             training["scheduler"] = scheduler.state_dict()
@@ -270,8 +270,8 @@ class Run:
         training["rng"] = rng_states(self.rng)
         if self.rank != 0:
             return
-        for (name, weights_m), m in zip(list(files.items()), modules.values()):
-            files[name] = weights_m if weights_m is not None else {k: v.cpu() for k, v in m.state_dict().items()}
+        files = {f"{name}.pt": w if w is not None else {k: v.cpu() for k, v in m.state_dict().items()}
+                 for (name, m), w in zip(modules.items(), module_weights)}
         save_checkpoint(model, tokenizer, self.folder / "checkpoint", {**files, TRAINING_STATE: training},
                         state_dict=weights)
         if getattr(self.args, "lora_merge", False) and step == self.args.steps:  # adapters merged: a plain model
