@@ -15,6 +15,7 @@ the first EOS, built by position (pad may equal eos); 4. dropout off; 5. the log
 predict token t+1; 6. the [batch, length, vocabulary] logits run out of memory first.
 """
 
+import contextlib
 import math
 import random
 import re
@@ -76,40 +77,54 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     """Sample G = group_size completions for each prompt -> a Rollout of len(prompts)·G rows, each
     prompt's G rows next to each other. Each prompt is run once and its key/value cache repeated G
     times; a row leaves the batch once it has sampled EOS. Greedy output equals `model.generate`'s.
-    Prompts longer than max_prompt_length tokens keep their last ones (Rollout.prompt_truncated)."""
-    enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(model.device)
-    prompt_truncated = (enc["attention_mask"].sum(1) > (max_prompt_length or math.inf)).repeat_interleave(group_size)
-    if max_prompt_length:  # left padding: the last max_prompt_length columns hold each prompt's last tokens
-        enc = {k: v[:, -max_prompt_length:] for k, v in enc.items()}
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [B, P]
-    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
-    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, logits_to_keep=1,
-                position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # note 1
-    cache = out.cache
-    cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B, V]: predicts each row's first token
-    eos = model.generation_config.eos_token_id  # an id, a list of ids or None; and the tokenizer's
-    eos = torch.tensor(sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}), device=model.device)
-    completion_ids = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, device=model.device)
-    running, attention_mask = torch.arange(len(prompt_ids), device=model.device), prompt_mask  # rows still decoding
-    for t in range(max_new_tokens):
-        next_ids = sample(logits, temperature, top_p, greedy, top_k, min_p)  # [rows running]
-        completion_ids[running, t] = next_ids
-        going_on = ~torch.isin(next_ids, eos)
-        n_going = int(going_on.sum())  # the one host sync of a decode step
-        if t == max_new_tokens - 1 or n_going == 0:
-            break
-        if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
-            running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
-            cache.batch_select_indices(going_on.nonzero().squeeze(1))
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
-        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
-                       position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
-    completion_ids = completion_ids[:, : t + 1]
-    mask, truncated = completion_mask(completion_ids, eos.tolist())
-    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
+    Prompts longer than max_prompt_length tokens keep their last ones (Rollout.prompt_truncated).
+    The model samples in eval mode (a layer in training mode would go through gradient checkpointing)."""
+    with eval_mode(model):
+        enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        prompt_truncated = (enc["attention_mask"].sum(1) > (max_prompt_length or math.inf)).repeat_interleave(group_size)
+        if max_prompt_length:  # left padding: the last max_prompt_length columns hold each prompt's last tokens
+            enc = {k: v[:, -max_prompt_length:] for k, v in enc.items()}
+        prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [B, P]
+        prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, logits_to_keep=1,
+                    position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # note 1
+        cache = out.cache
+        cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B, V]: predicts each row's first token
+        eos = model.generation_config.eos_token_id  # an id, a list of ids or None; and the tokenizer's
+        eos = torch.tensor(sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}), device=model.device)
+        completion_ids = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, device=model.device)
+        running, attention_mask = torch.arange(len(prompt_ids), device=model.device), prompt_mask  # rows still decoding
+        for t in range(max_new_tokens):
+            next_ids = sample(logits, temperature, top_p, greedy, top_k, min_p)  # [rows running]
+            completion_ids[running, t] = next_ids
+            going_on = ~torch.isin(next_ids, eos)
+            n_going = int(going_on.sum())  # the one host sync of a decode step
+            if t == max_new_tokens - 1 or n_going == 0:
+                break
+            if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
+                running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
+                cache.batch_select_indices(going_on.nonzero().squeeze(1))
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
+            logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                           position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
+        completion_ids = completion_ids[:, : t + 1]
+        mask, truncated = completion_mask(completion_ids, eos.tolist())
+        texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the block, then every module back in the mode it was in."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def rollout_slice(r: Rollout, rows) -> Rollout:
@@ -179,7 +194,7 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
     refuses other models when they load)."""
     device_type = next(model.parameters()).device.type  # the mask's dtype: the attention's
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
-    packed = pack(rollout, group_size, dtype)
+    packed = pack(rollout, group_size, dtype, PACK_MULTIPLE.get(device_type, 1))
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False,
                 attention_mask=packed["attention_mask"], output_hidden_states=True, logits_to_keep=1)
     states = out.hidden_states[-1][0][packed["before"]]  # [N, H]: after the final norm; predicts token t+1
@@ -192,7 +207,14 @@ def forward_completion(model, rollout: Rollout, group_size: int = 1, hidden: boo
     return (logits, states) if hidden else logits
 
 
-def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32) -> dict:
+# The packed length is padded to a multiple of 128 on CUDA, with tokens that attend only to themselves.
+# cuDNN attention (SDPA's choice on H100/H200 when given a mask) returns a NaN query gradient for a
+# length ≡ 64 (mod 128) wherever a row's log-sum-exp is below about −88.7 (pytorch#196678, since torch
+# 2.11; TRL#7181 met it through Qwen2.5's massive-activation heads). Random weights never get there.
+PACK_MULTIPLE = {"cuda": 128}
+
+
+def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32, multiple: int = 1) -> dict:
     """Lay a batch out as one row of its real tokens: each prompt once (rows come in groups of
     G = group_size that share one prompt), then each completion up to its mask's end; no padding.
 
@@ -200,7 +222,8 @@ def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32) -> dict:
     in the same completion: each completion sees its prompt and its own past, exactly as alone.
     Returns input_ids and position_ids [1, n]; that mask [1, 1, n, n] as an additive bias of `dtype`
     (0: attend, -inf: not), built once and shared by every layer; and `before` [N]: for each of the
-    N real completion tokens, row-major, the packed index of the token whose hidden state predicts it."""
+    N real completion tokens, row-major, the packed index of the token whose hidden state predicts it.
+    multiple: n is padded up to a multiple of it with tokens (id 0, position 0) that attend only to themselves."""
     G, device = group_size, rollout.completion_ids.device
     in_prompt = rollout.prompt_mask[::G].bool()  # [B/G, P]: each group's prompt, padding dropped
     in_completion = rollout.completion_mask.bool()  # [B, T]
@@ -210,6 +233,9 @@ def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32) -> dict:
     c_group = c_row // G
     group, row = torch.cat([p_group, c_group]), torch.cat([torch.full_like(p_group, -1), c_row])  # [n]
     position_ids = torch.cat([(in_prompt.cumsum(1) - 1)[in_prompt], prompt_len[c_group] + c_t])  # note 1
+    n_real = len(group)
+    pad = torch.arange(-n_real % multiple, device=device)  # padding tokens, each alone in a group of its own
+    group, row, position_ids = torch.cat([group, -2 - pad]), torch.cat([row, pad * 0 - 2]), torch.cat([position_ids, pad * 0])
     n = len(group)
     i = torch.arange(n, device=device)
     attend = (group[:, None] == group) & (i[None] <= i[:, None]) & ((row == -1)[None] | (row[:, None] == row))
@@ -218,8 +244,8 @@ def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32) -> dict:
     bias = torch.full((n, -(-n // 16) * 16), -math.inf, dtype=dtype, device=device)[:, :n]
     bias.masked_fill_(attend, 0.0)
     # A completion's first token is predicted by the last token of its prompt, the others by the one before.
-    before = torch.where(c_t == 0, prompt_len.cumsum(0)[c_group] - 1, i[len(p_group) :] - 1)
-    input_ids = torch.cat([rollout.prompt_ids[::G][in_prompt], rollout.completion_ids[in_completion]])
+    before = torch.where(c_t == 0, prompt_len.cumsum(0)[c_group] - 1, i[len(p_group) : n_real] - 1)
+    input_ids = torch.cat([rollout.prompt_ids[::G][in_prompt], rollout.completion_ids[in_completion], pad * 0])
     return {"input_ids": input_ids[None], "position_ids": position_ids[None], "attention_mask": bias[None, None],
             "before": before}
 
@@ -357,13 +383,19 @@ def reward_model_scores(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def call_reward_function(name: str, fn, rows: list[dict], completions: list[str]) -> torch.Tensor:
-    """fn's rewards [N], NaN where it returned None ("does not apply"); a wrong count or a non-finite value stops the run."""
+    """fn's rewards [N], NaN where it returned None ("does not apply"); anything but one number (or None)
+    per completion, or a value that is not finite, stops the run."""
     values = fn(prompts=[r["prompt"] for r in rows], completions=completions, answer=[r["answer"] for r in rows])
+    try:
+        values = [None if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise SystemExit(f"reward function {name} returned {str(values)[:200]}: return a list of one float "
+                         "(or None) per completion") from None
     if len(values) != len(completions):
         raise SystemExit(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
     if not all(v is None or math.isfinite(v) for v in values):
         raise SystemExit(f"reward function {name} returned a value that is not finite: {values}")
-    return torch.tensor([math.nan if v is None else float(v) for v in values])
+    return torch.tensor([math.nan if v is None else v for v in values])
 
 
 def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_weight: float = 1.0,
@@ -384,14 +416,15 @@ def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int, dtype: str, batch_size: int = 32) -> dict:
-    """Greedy completions on held-out prompts -> {"reward": mean total, name: mean of each part};
-    reward_fn(rows, completions) -> (total [N], {name: [N]}), as compute_rewards."""
+def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int, dtype: str, batch_size: int = 32,
+             max_prompt_length: int | None = None) -> dict:
+    """Greedy completions on held-out prompts, cut as the training prompts are -> {"reward": mean total,
+    name: mean of each part}; reward_fn(rows, completions) -> (total [N], {name: [N]}), as compute_rewards."""
     texts = []
     for i in range(0, len(rows), batch_size):
         with autocast(model.device, dtype):
             texts += generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]], max_new_tokens,
-                              greedy=True).texts
+                              greedy=True, max_prompt_length=max_prompt_length).texts
     total, parts = reward_fn(rows, texts)
     return {"reward": total.mean().item(), **{k: v.nanmean().item() for k, v in parts.items()}}
 

@@ -20,6 +20,7 @@ The run's machinery (loading, processes, checkpoints, Ctrl-C, logging) is in plu
 """
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -229,6 +230,14 @@ def check_args(args: Args) -> None:
                          f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
     if args.overlong_buffer > args.max_new_tokens:
         raise SystemExit(f"--overlong-buffer {args.overlong_buffer} is longer than --max-new-tokens {args.max_new_tokens}")
+    mu_1 = "at --num-iterations 1 the ratio π_θ/π_old is 1 (nothing is clipped; its gradient is the same per token and per sequence)"
+    plumbing.refuse_idle_flags(args, [
+        *[(name, args.num_iterations == 1, mu_1) for name in ("epsilon", "epsilon_high", "importance_sampling_level")],
+        ("dynamic_sampling_rounds", not args.dynamic_sampling, "it bounds --dynamic-sampling, which is off"),
+        ("kl_estimator", args.beta == 0, "--beta 0 has no KL term"), ("beta", args.kl_estimator == "none", "--kl-estimator none has no KL term")])
+    if args.importance_sampling_level == "sequence" and args.loss_type != "grpo" and plumbing.rank() == 0:
+        print(f"warning: GSPO's sequence ratio with --loss-type {args.loss_type} weights each completion by its length; "
+              "GSPO's paper averages per sequence (--loss-type grpo)", file=sys.stderr)
 
 
 def main(args: Args):

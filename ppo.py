@@ -193,6 +193,10 @@ def check_args(args: Args) -> None:
     if (args.prompts_per_step // world) % args.num_minibatches:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} (per process: {args.prompts_per_step // world}) "
                          f"is not divisible by --num-minibatches {args.num_minibatches}; pick numbers where it is")
+    plumbing.refuse_idle_flags(args, [
+        *[(name, not args.adaptive_kl, "it is a setting of --adaptive-kl, which is off") for name in ("kl_target", "kl_horizon")],
+        ("adaptive_kl", args.beta == 0, "the controller multiplies β, and --beta 0 stays 0"),
+        ("cliprange_value", args.vf_coef == 0, "--vf-coef 0 leaves the value loss out")])
 
 
 def main(args: Args):

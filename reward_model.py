@@ -39,7 +39,7 @@ class Args:
     data: str | None = None
     """JSONL file of {"prompt", "chosen", "rejected"} lines; default: built-in pairs from the arithmetic task"""
     num_pairs: int = 1024
-    """size of the built-in preference set (ignored with --data)"""
+    """size of the built-in preference set (not with --data)"""
     steps: int | None = None
     """optimizer steps, one batch of pairs each (default: one pass over the training pairs)"""
     batch_size: int = 16
@@ -106,7 +106,7 @@ def read_pairs(path: str) -> list[dict]:
         if missing:
             raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
         if row["chosen"] != row["rejected"]:
-            pairs.append(row)
+            pairs.append({**row, "line": f"{path}:{lineno}"})
     if not pairs:
         raise SystemExit(f"{path}: no usable pairs (the file is empty, or chosen == rejected on every line)")
     return pairs
@@ -145,10 +145,13 @@ RANGES = {"num_pairs": "[2, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)"
 def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     plumbing.check_ranges(args, RANGES)
+    plumbing.refuse_idle_flags(args, [("num_pairs", args.data is not None, "it sizes the built-in pairs; --data replaces them")])
     pairs = read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
     if len(pairs) < 2:
         raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
-    plumbing.check_model_name(args.model)
+    positions = plumbing.model_positions(plumbing.check_model_name(args.model))
+    if positions is not None and args.max_length > positions:
+        raise SystemExit(f"--max-length {args.max_length}: more than the model's {positions} positions")
     pairs_name = Path(args.data).stem if args.data else "arithmetic"
     run_dir = plumbing.run_folder(args.output_dir, args.run_name, f"rm_{pairs_name}_{args.seed}")
     device = plumbing.pick_device(args.device)
@@ -160,6 +163,9 @@ def main(args: Args) -> Path:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     steps = args.steps or -(-len(train_pairs) // args.batch_size)  # default: one pass over the training pairs
     model, tokenizer = plumbing.load_model(args.model, device, kind="reward")
+    plumbing.check_prompt_lengths(tokenizer, pairs, args.max_length - 1, f"--max-length {args.max_length} leaves no room "
+                                  "for the response", "Pass a larger --max-length"
+                                  + (f" (the model has {positions} positions)" if positions else ""))
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # fused: one pass, no temporaries

@@ -294,6 +294,9 @@ def check_args(args: Args) -> None:
                          "each process samples the same number of prompts")
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
+    plumbing.refuse_idle_flags(args, [(name, args.advantage == "group", "--advantage group has no value head and no "
+                                       "per-token reward") for name in ("beta", "gamma", "lam", "whiten_advantages",
+                                                                        "value_lr", "value_iters")])
     if args.fsdp:  # torch.autograd.grad(..., params) would find the sharded parameters outside the graph
         raise SystemExit("--fsdp: not supported by trpo.py. Its Fisher-vector products differentiate with respect to the "
                          "parameters, twice; FSDP runs the forward on gathered copies of them. Use DDP (torchrun without --fsdp)")

@@ -8,11 +8,14 @@ embeddings, a chat template), and `gpt2`, GPT2Config() (124 M). Checks (a failed
 finite losses (the scripts stop on a NaN gradient), GRPO's ratio 1 and KL 0 at the first step, each
 checkpoint loads and generates, and which SDPA kernels the packed and the padded passes ran. Figures:
 generated and update tokens per second and peak GPU memory per script, and the packed scoring pass
-against the padded one at GPU sizes (time and peak memory of forward + backward).
+against the padded one at GPU sizes (time and peak memory of forward + backward). Paths: LoRA with
+gradient checkpointing, --resume against an uninterrupted run, the --fsdp sharding path against DDP's
+autocast (one NCCL rank), and the cuDNN attention case the packed pass's padding avoids.
 """
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -93,7 +96,7 @@ def run(script: str, out: Path, name: str, **kwargs) -> dict:
         if tag in s:
             assert all(v == v and abs(v) < float("inf") for v in s[tag]), f"{name}: {tag} not finite: {s[tag]}"
             figures[tag] = [round(v, 6) for v in s[tag]]
-    ckpt = run_dir / "checkpoint"
+    ckpt = run_dir / ("checkpoint-merged" if kwargs.get("lora_merge") else "checkpoint")
     if script == "reward_model":
         AutoModelForSequenceClassification.from_pretrained(ckpt)
     else:
@@ -176,11 +179,110 @@ def scoring_passes(folder: str) -> list[dict]:
     return rows
 
 
+def resume_check(out: Path, llama: str, rl: dict, steps: int) -> dict:
+    """2 steps, then --resume to 4, against 4 in one go: equal within tolerance on a GPU (not to the bit:
+    the attention backward kernels are not deterministic). Passes when the weights differ by under 1 %
+    of how far training moved them and the rewards agree to 1e-3."""
+    from safetensors.torch import load_file
+
+    import grpo
+
+    flags = dict(model=llama, prompts_per_step=8, group_size=4, minibatch_size=16, lr=1e-5, **rl)
+    whole = run("grpo", out, "resume_whole", steps=2 * steps, save_interval=steps, **flags)
+    run("grpo", out, "resume_halves", steps=steps, **flags)
+    grpo.main(grpo.Args(resume=str(out / "runs" / "resume_halves"), steps=2 * steps))
+    a, b = (load_file(out / "runs" / name / "checkpoint" / "model.safetensors") for name in ("resume_whole", "resume_halves"))
+    start = load_file(Path(llama) / "model.safetensors")
+    differ = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    rewards = [scalars(out / "runs" / name)["reward/mean"] for name in ("resume_whole", "resume_halves")]
+    gap = max(abs(x - y) for x, y in zip(*rewards))
+    result = {"part": "resume", "max_weight_difference": differ, "max_weight_change": moved, "max_reward_gap": gap,
+              "steps": [len(r) for r in rewards], "whole_wall_s": whole["wall_s"],
+              "pass": differ <= 0.01 * moved and gap <= 1e-3 and len(rewards[1]) == 2 * steps}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def fsdp_check(llama: str) -> dict:
+    """The --fsdp path in one process over a one-rank NCCL group (one GPU cannot hold two NCCL ranks):
+    plumbing.shard with the bf16 policy against the DDP path's bf16 autocast on the same batch. They are not
+    equal: under FSDP's policy the embeddings, norms and residual stream compute in bf16 too. Passes when
+    the mean |Δ log p| is under 0.05 and the gradients' relative difference under 0.1 (bf16 against fp32
+    on one batch: |Δ log p| ≈ 0.03, shared/PERF_NOTES.md)."""
+    import copy
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, rank=0, world_size=1, device_id=DEVICE if backend == "nccl" else None)
+    model, tokenizer = plumbing.load_model(llama, DEVICE)
+    sharded = plumbing.shard(copy.deepcopy(model), bf16=True)
+    torch.manual_seed(0)
+    with common.autocast(model.device, "bf16"):
+        rollout = common.generate(model, tokenizer, ["What is 2 + 2?", "Say something."] * 4, 4 if SMOKE else 64, group_size=2)
+    results = []
+    for m, bf16_autocast in ((model, True), (sharded, False)):
+        with common.autocast(model.device, "bf16" if bf16_autocast else "fp32"):
+            logprobs = common.completion_logprobs(m, rollout, 1.0, group_size=2)
+        logprobs.sum().backward()
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in m.parameters()]
+        results.append((logprobs.detach().float(), torch.cat([g.float().reshape(-1) for g in grads])))
+    (lp_a, g_a), (lp_b, g_b) = results
+    mask = rollout.completion_mask.bool()
+    state = plumbing.full_state_dict(sharded)  # the checkpoint's gather
+    result = {"part": "fsdp", "backend": backend, "mean_abs_logprob_difference": (lp_a - lp_b)[mask].abs().mean().item(),
+              "relative_gradient_difference": ((g_a - g_b).norm() / g_a.norm()).item(), "gathered_tensors": len(state)}
+    result["pass"] = result["mean_abs_logprob_difference"] < 0.05 and result["relative_gradient_difference"] < 0.1
+    # --scale-rewards batch reduces on the device: NCCL refuses a CPU tensor, which gloo (the CPU tests) takes.
+    rewards = torch.arange(8.0)
+    torch.distributed.all_reduce(rewards.to(DEVICE))
+    try:
+        torch.distributed.all_reduce(rewards)
+        result["cpu_tensor_in_collective"] = "accepted"
+    except Exception as e:  # what grpo.py would meet if it reduced the CPU rewards
+        result["cpu_tensor_in_collective"] = f"refused: {type(e).__name__}"
+    torch.distributed.destroy_process_group()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def cudnn_check() -> dict:
+    """pytorch#196678: cuDNN attention with an explicit mask returns a NaN query gradient for a sequence
+    length ≡ 64 (mod 128) where a row's log-sum-exp is below about −88.7, as in real models' massive-activation
+    heads. Made here directly: keys near one direction u, queries −c·u, so every score is about −200.
+    The packed pass pads its length to a multiple of 128 (common.PACK_MULTIPLE): checked at 192 and 256."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for n in (192, 256):
+        g = torch.Generator().manual_seed(0)
+        u = torch.randn(64, generator=g)
+        k = (u + 0.01 * torch.randn(1, 8, n, 64, generator=g)).to(DEVICE, torch.bfloat16)
+        q = (-2.0 * u.expand(1, 8, n, 64)).to(DEVICE, torch.bfloat16).requires_grad_()
+        v = torch.randn(1, 8, n, 64, generator=g).to(DEVICE, torch.bfloat16)
+        mask = torch.full((n, n), -math.inf, device=DEVICE).triu(1).to(torch.bfloat16)[None, None]
+        lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) / 8 + mask.float(), -1).min().item()
+        backends = [SDPBackend.CUDNN_ATTENTION] if DEVICE.type == "cuda" else [SDPBackend.MATH]
+        try:
+            with sdpa_kernel(backends):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+            finite = bool(q.grad.isfinite().all())
+        except RuntimeError as e:  # no cuDNN attention for these shapes
+            finite = f"not run: {str(e).splitlines()[0][:80]}"
+        rows.append({"length": n, "min_logsumexp": round(lse, 1), "query_grad_finite": finite})
+    result = {"part": "cudnn", "rows": rows, "pass": rows[1]["query_grad_finite"] is True}  # the padded length
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     global DEVICE, SMOKE
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "gpu"))
-    parser.add_argument("--only", default="", help="comma-separated parts: scoring, grpo, gpt2, ppo, trpo, rm")
+    parser.add_argument("--only", default="", help="comma-separated parts: scoring, grpo, gpt2, ppo, trpo, rm, lora, "
+                                                 "resume, fsdp, cudnn")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device: to try this script itself")
     parser.add_argument("--device", default="cuda")
     cli = parser.parse_args()
@@ -214,6 +316,17 @@ def main() -> None:
     if want("rm"):
         report["runs"].append(run("reward_model", out, "rm_llama135m", model=llama, num_pairs=64 if SMOKE else 256,
                                   batch_size=32, eval_interval=1000))
+    if want("lora"):  # adapters, gradient checkpointing, the merged checkpoint
+        report["runs"].append(run("grpo", out, "grpo_lora", model=llama, steps=steps(2), prompts_per_step=16, group_size=8,
+                                  minibatch_size=32, lora_rank=16, lora_merge=True, gradient_checkpointing=True, **rl))
+        report["runs"].append(run("ppo", out, "ppo_checkpointing", model=llama, steps=steps(2), prompts_per_step=32,
+                                  num_minibatches=2, ppo_epochs=1, gradient_checkpointing=True, **rl))
+    for part, check in (("resume", lambda: resume_check(out, llama, rl, 1 if SMOKE else 2)),
+                        ("fsdp", lambda: fsdp_check(llama)), ("cudnn", cudnn_check)):
+        if want(part):
+            report[part] = check()
+            if not report[part]["pass"]:
+                failures.append(f"{part}: {json.dumps(report[part])}")
     report["failures"] = failures
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print("\n".join(failures) or "all checks passed", flush=True)

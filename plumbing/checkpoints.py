@@ -12,6 +12,7 @@ from plumbing.processes import world_size
 
 
 TRAINING_STATE = "training_state.pt"  # in checkpoint/ beside the model: what --resume needs besides the weights
+REWARD_NORM_FILE = "reward_normalization.json"  # saved next to a reward model by reward_model.py
 
 
 def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
@@ -34,9 +35,13 @@ def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, s
 
 
 def rng_states(generator: torch.Generator) -> list[dict]:
-    """Every random state of every process, in rank order: Python's, torch's (CPU, CUDA), the prompt generator's."""
+    """Every random state of every process, in rank order: Python's, torch's (CPU, and its current GPU's), the
+    prompt generator's. A resumed GPU run equals the uninterrupted one within tolerance, not to the bit: the
+    attention backward kernels on GPUs are not deterministic."""
+    # CUDA: this process's own GPU only; a resumed run may see fewer GPUs, or another one as its device.
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "cuda": torch.cuda.get_rng_state() if cuda else None}
     if world_size() == 1:
         return [state]
     states = [None] * world_size()
@@ -49,8 +54,8 @@ def set_rng_states(states: list[dict], generator: torch.Generator) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # this process's GPU (set_device'd)
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resume(args, script: str, may_change: tuple[str, ...]):

@@ -4,10 +4,11 @@ import importlib.util
 import json
 import math
 import random
+import traceback
 from pathlib import Path
 
 import common
-from plumbing.models import REWARD_NORM_FILE
+from plumbing.checkpoints import REWARD_NORM_FILE
 from plumbing.processes import world_size
 
 
@@ -22,6 +23,15 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
         below = value < high if interval[-1] == ")" else value <= high
         if not (math.isfinite(value) and above and below):
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be in {interval}")
+
+
+def refuse_idle_flags(args, rules: list[tuple[str, bool, str]]) -> None:
+    """Refuse a flag that is given (set away from its default) and would change nothing, in one line that
+    says why: rules = [(field, idle, why)], e.g. ("kl_target", not args.adaptive_kl, "it is the target of --adaptive-kl")."""
+    defaults = type(args)()
+    for name, idle, why in rules:
+        if idle and getattr(args, name) != getattr(defaults, name):
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)} changes nothing: {why}")
 
 
 def check_fsdp(fsdp: bool, lora_rank: int = 0) -> None:
@@ -53,14 +63,15 @@ def read_jsonl(path: str) -> list[tuple[int, object]]:
 
 
 def read_prompts(path: str) -> list[dict]:
-    """{"prompt": str, "answer": str | None} per line of a JSONL file; errors name the line."""
+    """{"prompt": str, "answer": str | None, "line": "file:N"} per line of a JSONL file; errors name the line."""
     rows = []
     for lineno, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise SystemExit(f'{path}:{lineno}: needs a non-empty string field "prompt"')
         if not isinstance(row.get("answer"), (str, int, float, type(None))) or isinstance(row.get("answer"), bool):
             raise SystemExit(f'{path}:{lineno}: "answer" must be a string or a number (or absent)')
-        rows.append({"prompt": row["prompt"], "answer": None if row.get("answer") is None else str(row["answer"])})
+        rows.append({"prompt": row["prompt"], "answer": None if row.get("answer") is None else str(row["answer"]),
+                     "line": f"{path}:{lineno}"})
     if not rows:
         raise SystemExit(f"{path}: no prompts in the file")
     return rows
@@ -89,16 +100,67 @@ def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, 
         raise SystemExit(f"{data}: some lines have no \"answer\" to check; add answers or pass --reward-model")
 
 
+def check_context(positions: int | None, max_new_tokens: int, max_prompt_length: int | None) -> None:
+    """Refuse a completion budget the model's positions cannot hold (None: not known yet). Past them a model
+    with learned positions (GPT-2: 1024) fails in its embedding lookup, on CUDA as a device-side assert."""
+    if positions is not None and max_new_tokens >= positions:
+        raise SystemExit(f"--max-new-tokens {max_new_tokens}: the model has {positions} positions for prompt and "
+                         f"completion together; pass at most {positions - 1}")
+    if positions is not None and max_prompt_length and max_prompt_length + max_new_tokens > positions:
+        raise SystemExit(f"--max-prompt-length {max_prompt_length} + --max-new-tokens {max_new_tokens} = "
+                         f"{max_prompt_length + max_new_tokens} tokens: more than the model's {positions} positions")
+
+
+def check_prompt_lengths(tokenizer, rows: list[dict], limit: int, why: str, fix: str) -> None:
+    """Refuse the first prompt that is more than `limit` tokens once formatted (common.format_prompt),
+    naming its file and line ("line", as read_prompts gives it) and the fix, before the first step."""
+    texts = [common.format_prompt(tokenizer, r["prompt"]) for r in rows]
+    for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if len(ids) > limit:
+            raise SystemExit(f"{row.get('line', 'a built-in prompt')}: the prompt is {len(ids)} tokens; {why}. {fix}")
+
+
+def check_fits(args, rows: list[dict], positions: int | None, tokenizer) -> None:
+    """Every prompt with its completion budget within the model's positions, else an error naming the line
+    and the fix; with --max-prompt-length the cut prompts fit (check_context)."""
+    check_context(positions, args.max_new_tokens, args.max_prompt_length)
+    if positions is not None and args.max_prompt_length is None:
+        check_prompt_lengths(tokenizer, rows, positions - args.max_new_tokens,
+                             f"with --max-new-tokens {args.max_new_tokens} that is more than the model's {positions} "
+                             "positions", f"Pass --max-prompt-length {positions - args.max_new_tokens} (keeps each "
+                             "prompt's last tokens) or a smaller --max-new-tokens")
+
+
 def load_reward_function(spec: str):
     """`path/to/file.py:function_name` -> (name, function), found before anything loads. The function
     takes TRL's keyword arguments (prompts, completions, answer: lists) and returns one float per
-    completion, or None where it does not apply."""
+    completion, or None where it does not apply. An error in the file or in the function stops the
+    run with a line that names it and the file's own frames, not this project's."""
     path, _, name = spec.rpartition(":")
     if not path or not Path(path).is_file():
         raise SystemExit(f"--reward-fn {spec}: no file {path!r}; pass path/to/file.py:function_name")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error, a failed import, ...
+        raise SystemExit(f"--reward-fn {spec}: importing {path} failed:\n{user_frames(e, path)}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
         raise SystemExit(f"--reward-fn {spec}: {path} has no function {name!r}")
-    return name, getattr(module, name)
+
+    def reward_function(**kwargs):
+        try:
+            return fn(**kwargs)
+        except Exception as e:
+            raise SystemExit(f"--reward-fn {spec} raised {type(e).__name__}: {e}\n{user_frames(e, path)}") from None
+
+    return name, reward_function
+
+
+def user_frames(error: Exception, path: str) -> str:
+    """The traceback of `error` from the first frame in the user's file on (the project's own frames left
+    out), and the error itself; a syntax error shows its line and caret."""
+    frames = traceback.extract_tb(error.__traceback__)
+    first = next((i for i, f in enumerate(frames) if Path(f.filename).resolve() == Path(path).resolve()), len(frames))
+    return "".join(traceback.format_list(frames[first:]) + traceback.format_exception_only(error)).rstrip()

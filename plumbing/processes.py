@@ -15,6 +15,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank() -> int:
+    """This process's rank: RANK under torchrun, else 0. Readable before any set-up."""
+    return int(os.environ.get("RANK", 0))
+
+
 def pick_device(device: str) -> torch.device:
     """`auto`: CUDA when present, else CPU. Under torchrun, CUDA means this process's GPU, LOCAL_RANK,
     made the current device before the process group starts."""
@@ -38,14 +43,50 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: torch.device) -> int:
+def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> int:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU) -> this process's rank (0 alone).
-    The timeout covers rank 0 evaluating and saving alone while the others wait (NCCL's default: 10 min)."""
+
+    A collective waits timeout_minutes for the other processes, then the run stops (torch's default is
+    10 minutes for NCCL, 30 for gloo); it must cover rank 0 evaluating or saving alone while the others
+    wait. NCCL's flight recorder keeps each process's last 2,000 collectives and writes them on a timeout
+    to /tmp/nccl_trace_rank_<r> (read them with `python -m torch.distributed.flight_recorder.fr_trace`):
+    what each rank was doing when it stopped."""
+    global COLLECTIVE_DEVICE
+    COLLECTIVE_DEVICE = device
     if world_size() == 1:
         return 0
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2),
+    if device.type == "cuda":
+        for name, value in {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}.items():
+            os.environ.setdefault(name, value)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=timedelta(minutes=timeout_minutes),
                                          device_id=device if device.type == "cuda" else None)
     return torch.distributed.get_rank()
+
+
+COLLECTIVE_DEVICE: torch.device | None = None  # the run's device (init_distributed): every collective's tensors live there
+
+
+def on_collective_device(x: torch.Tensor) -> torch.Tensor:
+    """x, refused when it is not on the run's device: NCCL takes CUDA tensors only, so a CPU tensor in a
+    collective fails only on GPUs. Checked alone too, so that a one-GPU run finds it."""
+    if COLLECTIVE_DEVICE is not None and x.device.type != COLLECTIVE_DEVICE.type:
+        raise RuntimeError(f"a collective was given a tensor on {x.device} in a run on {COLLECTIVE_DEVICE}; "
+                           "move it to the run's device first (NCCL has no CPU tensors)")
+    return x
+
+
+@contextlib.contextmanager
+def one_voice():
+    """For errors every process finds alike (the input checks): under torchrun rank 0 prints the reason,
+    the other processes exit with the same status (1) without a word."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and rank() != 0:
+            raise SystemExit(1) from None
+        raise
 
 
 def set_seed(seed: int) -> None:
@@ -54,7 +95,8 @@ def set_seed(seed: int) -> None:
 
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over processes of a tensor (itself when alone)."""
+    """Mean over processes of a tensor on the run's device (itself when alone)."""
+    on_collective_device(x)
     if world_size() > 1:
         x = x.detach().clone()
         torch.distributed.all_reduce(x)
@@ -77,6 +119,7 @@ def replica_spread(model) -> float:
     """max − min over processes of a checksum of the parameters (Σ p, accumulated in float64 without
     a float64 copy): 0 when the replicas agree."""
     checksum = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()]).sum().reshape(1)
+    on_collective_device(checksum)
     parts = [torch.empty_like(checksum) for _ in range(world_size())]
     torch.distributed.all_gather(parts, checksum)
     return (max(parts) - min(parts)).item()

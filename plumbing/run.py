@@ -22,10 +22,11 @@ from tqdm import tqdm
 import common
 from plumbing.checkpoints import TRAINING_STATE, rng_states, save_checkpoint, set_rng_states
 from plumbing.checkpoints import resume as read_resume
-from plumbing.inputs import check_fsdp, check_ranges, check_rewards, load_prompts, load_reward_function
-from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name
-from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state,
-                                optimizer_state, pick_device, reduce_metrics, replica_spread, set_seed, world_size)
+from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards, load_prompts,
+                             load_reward_function, refuse_idle_flags)
+from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name, model_positions
+from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state, one_voice,
+                                optimizer_state, pick_device, rank, reduce_metrics, replica_spread, set_seed, world_size)
 
 
 @dataclass
@@ -77,7 +78,9 @@ class RLArgs:
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     fsdp: bool = False
-    """under torchrun: shard the policy, its gradients and AdamW state, and the reference over the processes (FSDP2) instead of a copy on each (DDP)"""
+    """under torchrun: shard the policy, its gradients and AdamW state, and the reference over the processes (FSDP2) instead of a copy on each (DDP). On CUDA its bf16 policy computes embeddings and norms in bf16 too, where DDP's autocast keeps them in fp32"""
+    collective_timeout: float = 30.0
+    """under torchrun: minutes a process waits for the others in a collective before the run stops (rank 0 evaluating or saving alone must fit in it)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
@@ -87,7 +90,7 @@ class RLArgs:
     run_name: str | None = None
     """default: <script>_<task or data>_<seed>_<time>"""
     resume: str | None = None
-    """continue the run in this folder from its last checkpoint (only --steps and the intervals may change)"""
+    """continue the run in this folder from its last checkpoint (only --steps, the intervals and --collective-timeout may change)"""
 
 
 @dataclass
@@ -119,9 +122,24 @@ RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "f
           "reward_fn_weight": "[-inf, inf]", "steps": "[1, inf)", "max_new_tokens": "[1, inf)",
           "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)", "min_p": "[0, 1)",
           "max_prompt_length": "[1, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)",
-          "save_interval": "[1, inf)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)",
-          "adam_beta2": "[0, 1)", "max_grad_norm": "(0, inf)", "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
-MAY_CHANGE = ("steps", "eval_interval", "save_interval")  # what --resume takes from its command line
+          "save_interval": "[1, inf)", "collective_timeout": "(0, inf)", "warmup_steps": "[0, inf)",
+          "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "max_grad_norm": "(0, inf)",
+          "lora_rank": "[0, inf)", "lora_alpha": "(0, inf)"}
+MAY_CHANGE = ("steps", "eval_interval", "save_interval", "collective_timeout")  # what --resume takes from its command line
+
+
+def idle_flags(args: RLArgs) -> list[tuple[str, bool, str]]:
+    """The shared flags whose effect needs another flag or a mode (refuse_idle_flags): (field, idle, why)."""
+    lora = [(name, not args.lora_rank, "it is a setting of LoRA adapters: pass --lora-rank")
+            for name in ("lora_alpha", "lora_merge")] if hasattr(args, "lora_rank") else []
+    return [("eval_data", args.data is None, "it holds out prompts for --data; the built-in task has its own held-out set"),
+            ("eval_data", args.eval_prompts == 0, "--eval-prompts 0 turns the held-out evaluation off"),
+            ("eval_interval", args.eval_prompts == 0, "--eval-prompts 0 turns the held-out evaluation off"),
+            ("task", args.data is not None, "--data replaces the built-in task"),
+            ("reward_model_weight", args.reward_model is None, "it weights --reward-model, which is not given"),
+            ("reward_fn_weight", args.reward_fn is None, "it weights --reward-fn, which is not given"),
+            ("format_weight", args.task == "letter" and args.data is None, "the letter task has no format reward"),
+            ("collective_timeout", world_size() == 1, "it bounds waits between processes: run under torchrun"), *lora]
 
 
 class Run:
@@ -143,25 +161,30 @@ class Run:
     def __init__(self, script: str, args: RLArgs, check_args):
         # --- before anything is loaded or written: --resume, every flag, the prompts and rewards, the model's name ---
         self.script, self.saved = script, None
-        if args.resume:
-            args, self.saved = read_resume(args, script, MAY_CHANGE)
-        check_ranges(args, {k: v for k, v in RANGES.items() if hasattr(args, k)})
-        check_args(args)
-        check_fsdp(args.fsdp, getattr(args, "lora_rank", 0))
-        if getattr(args, "lora_merge", False) and not args.lora_rank:
-            raise SystemExit("--lora-merge needs --lora-rank > 0")
-        self.args = args
-        self.train_rows, self.eval_rows = load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-        check_rewards(args.data, self.train_rows + self.eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-        functions = dict([load_reward_function(args.reward_fn)]) if args.reward_fn else {}
-        check_model_name(args.model)
-        name = args.task if args.data is None else Path(args.data).stem
-        self.folder = Path(args.resume) if args.resume else run_folder(args.output_dir, args.run_name,
-                                                                       f"{script}_{name}_{args.seed}")
+        with one_voice():  # under torchrun every process finds the same error: rank 0 says it
+            if args.resume:
+                args, self.saved = read_resume(args, script, MAY_CHANGE)
+            check_ranges(args, {k: v for k, v in RANGES.items() if hasattr(args, k)})
+            refuse_idle_flags(args, idle_flags(args))
+            check_args(args)
+            check_fsdp(args.fsdp, getattr(args, "lora_rank", 0))
+            self.args = args
+            self.train_rows, self.eval_rows = load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
+            check_rewards(args.data, self.train_rows + self.eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
+            functions = dict([load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+            check_context(model_positions(check_model_name(args.model)), args.max_new_tokens, args.max_prompt_length)
+            name = args.task if args.data is None else Path(args.data).stem
+            self.folder = Path(args.resume) if args.resume else run_folder(args.output_dir, args.run_name,
+                                                                           f"{script}_{name}_{args.seed}")
+            self.device = pick_device(args.device)
         # --- processes, the reward, the seed ---
-        self.device = pick_device(args.device)
-        self.rank, self.world = init_distributed(self.device), world_size()
+        self.rank, self.world = init_distributed(self.device, args.collective_timeout), world_size()
         scorer = RewardScorer(args.reward_model, self.device, args.dtype) if args.reward_model else None
+        if scorer is not None:
+            with one_voice():
+                check_prompt_lengths(scorer.tokenizer, self.train_rows + self.eval_rows, scorer.norm["max_length"] - 1,
+                                     f"the reward model reads {scorer.norm['max_length']} tokens (its --max-length), "
+                                     "which leaves no room for the completion", "Train it with a larger --max-length")
         rules = common.rule_rewards(args.task, args.data, self.train_rows, args.format_weight)
         self.reward_fn = functools.partial(  # (rows, completions) -> (total [N], {name: [N]})
             common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
@@ -226,7 +249,8 @@ class Run:
         if step == 0 and self.rank == 0:
             print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy) ...", flush=True)
         with gathered(model):  # FSDP: every layer gathered once
-            self.scores = common.evaluate(model, tokenizer, self.eval_rows, self.reward_fn, a.max_new_tokens, a.dtype)
+            self.scores = common.evaluate(model, tokenizer, self.eval_rows, self.reward_fn, a.max_new_tokens, a.dtype,
+                                          max_prompt_length=a.max_prompt_length)
         if self.writer is not None:
             for k, v in self.scores.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
@@ -316,7 +340,7 @@ def run_folder(output_dir: str, run_name: str | None, default_name: str) -> Path
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise SystemExit(f"--output-dir {output_dir}: a file, not a folder; pass a folder (it is created if missing)")
     run_dir = Path(output_dir) / (run_name or f"{default_name}_{int(time.time())}")
-    if os.environ.get("RANK", "0") == "0" and run_dir.is_dir() and any(run_dir.iterdir()):
+    if rank() == 0 and run_dir.is_dir() and any(run_dir.iterdir()):
         raise SystemExit(f"{run_dir} holds an earlier run; pass another --run-name, or delete that folder")
     return run_dir
 

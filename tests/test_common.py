@@ -232,7 +232,8 @@ def test_packed_scoring_gives_the_padded_batch_logprobs_and_gradients(arch):
     results = []
     for compute in (lambda: common.padded_logprobs(model, rollout, 0.7),
                     lambda: common.completion_logprobs(model, rollout, 0.7),
-                    lambda: common.completion_logprobs(model, rollout, 0.7, chunk_size=4, group_size=4)):
+                    lambda: common.completion_logprobs(model, rollout, 0.7, chunk_size=4, group_size=4),
+                    lambda: packed_to_a_multiple_of(128, model, rollout, 0.7, group_size=4)):
         model.zero_grad()
         logprobs = compute()
         (logprobs * weights).sum().backward()
@@ -240,6 +241,25 @@ def test_packed_scoring_gives_the_padded_batch_logprobs_and_gradients(arch):
     for logprobs, grad in results[1:]:
         torch.testing.assert_close(logprobs, results[0][0], atol=1e-5, rtol=0)
         assert ((grad - results[0][1]).norm() / results[0][1].norm()).item() < 1e-5
+
+
+def packed_to_a_multiple_of(multiple, *args, **kwargs):
+    """completion_logprobs with the packed length padded as on CUDA (common.PACK_MULTIPLE)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(common.PACK_MULTIPLE, "cpu", multiple)
+        return common.completion_logprobs(*args, **kwargs)
+
+
+def test_packing_pads_to_the_multiple_with_tokens_that_attend_only_to_themselves():
+    model, tokenizer = tiny_policy("llama")
+    rollout = common.generate(model, tokenizer, ["hi", "a longer prompt"], 8, group_size=2)
+    plain, padded = common.pack(rollout, 2), common.pack(rollout, 2, multiple=128)
+    n = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == 128 and 0 < n < 128
+    torch.testing.assert_close(padded["attention_mask"][..., :n, :n], plain["attention_mask"])
+    attends = padded["attention_mask"][0, 0, n:] == 0  # [pad, 128]
+    assert torch.equal(attends, torch.eye(128, dtype=torch.bool)[n:])  # each padding token: itself alone
+    assert torch.equal(padded["before"], plain["before"])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -299,6 +319,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_each_lay
     (plain, plain_calls), (checkpointed, checkpointed_calls) = results
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
     assert (plain_calls, checkpointed_calls) == (1, 2)  # forward, and once more in the backward pass
+    modes = []  # sampling runs the layers in eval mode, outside checkpointing; training mode comes back after
+    layers[0].register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    common.generate(m, tokenizer, ["hi"], 3)
+    assert modes == [False] * 3 and layers[0].training and not layers[0].mlp.training
 
 
 def test_lora_reference_is_the_base_model_and_only_adapters_train():
@@ -334,3 +358,13 @@ def test_common_imports_nothing_else_of_the_project():
     code = f"import sys, common; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(project)!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['common']"
+
+
+def test_a_collective_refuses_a_tensor_that_is_not_on_the_runs_device(monkeypatch):
+    """NCCL takes CUDA tensors only: a CPU tensor in a collective of a GPU run is refused wherever it is
+    made, also in one process, so that a one-GPU run finds what only torchrun with NCCL would hit."""
+    monkeypatch.setattr(plumbing.processes, "COLLECTIVE_DEVICE", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="a collective was given a tensor on cpu in a run on cuda"):
+        plumbing.all_mean(torch.ones(()))
+    monkeypatch.setattr(plumbing.processes, "COLLECTIVE_DEVICE", torch.device("cpu"))
+    assert plumbing.all_mean(torch.ones(())).item() == 1.0

@@ -82,8 +82,34 @@ def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, ex
 def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path):
     result = torchrun(str(ROOT / "grpo.py"), "--prompts-per-step", "3", "--fsdp", cwd=tmp_path)
     assert result.returncode != 0
-    assert "not divisible by the 2 processes" in result.stderr
+    assert result.stderr.count("not divisible by the 2 processes") == 1  # rank 0 says it; rank 1 exits quietly
     assert not (tmp_path / "runs").exists()
+
+
+RANK_REWARD_PY = """
+import os
+
+
+def by_rank(prompts, completions, **kwargs):
+    rank = os.environ["RANK"]
+    with open(f"rounds_{rank}", "a") as f:
+        f.write("x")
+    # rank 0: rewards that vary within every group (its batch is full after one round); rank 1: all equal (never full)
+    return [float(i % 2) if rank == "0" else 0.0 for i in range(len(completions))]
+"""
+
+
+def test_fsdp_dynamic_sampling_runs_the_same_rounds_on_every_process(llama_folder, tmp_path):
+    """Each round gathers the sharded weights (a collective): were rank 0 to stop after its first round
+    while rank 1 went on, their all-gathers would pair up wrongly and hang. Both run the same rounds."""
+    (tmp_path / "rf.py").write_text(RANK_REWARD_PY)
+    result = torchrun(str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--fsdp", "--steps", "1",
+                      "--prompts-per-step", "4", "--group-size", "2", "--minibatch-size", "2", "--max-new-tokens", "4",
+                      "--eval-prompts", "0", "--reward-fn", "rf.py:by_rank", "--rule-weight", "0", "--dynamic-sampling",
+                      "--dynamic-sampling-rounds", "3", "--collective-timeout", "2", "--run-name", "ds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rounds_0").read_text() == (tmp_path / "rounds_1").read_text() == "xxx"
+    assert scalars(tmp_path / "runs" / "ds", "sampling/groups_drawn") == [6.0]  # 3 rounds of 2 groups, on each
 
 
 @pytest.mark.parametrize("script, flags, world, message", [

@@ -171,6 +171,8 @@ def test_grpo_runs_end_to_end_and_saves_a_loadable_checkpoint(arch, gpt2_folder,
 
 
 def test_grpo_learns_the_letter_reward(llama_folder, tmp_path):
+    """The sampled reward rises from ~0.006 (the first 10 steps) by more than 0.1. Seeds 1-8 on this 2-core
+    machine gave 0.35-0.46 over the last 10 steps (2026-12-04): the margin covers another CPU's rounding."""
     args = grpo.Args(model=llama_folder, task="letter", steps=50, lr=3e-3, max_new_tokens=16, eval_interval=1000,
                      eval_prompts=4, save_interval=1000, output_dir=str(tmp_path), run_name="learn", seed=1)
     run_dir = grpo.main(args)
@@ -215,12 +217,15 @@ def test_grpo_with_lora_learns_the_letter_reward_and_saves_adapters_and_a_merged
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = grpo.Args(model=llama_folder, task="letter", steps=30, lr=2e-2, lora_rank=8, lora_alpha=16,
+    """Greedy held-out share of the letter a, before and after. (The sampled reward barely moves: adapters
+    inside the blocks cannot sharpen a random tiny model's near-uniform output much.) The greedy share flips
+    between 0 and 1 while the adapters learn: with seeds 1-11 on this machine it was 1.0 at every evaluation
+    from step 36 to step 60 and before step 36 it still fell back to 0 (2026-12-04); 30 steps held for
+    some seeds only (seed 1 ended at 0.31 on another CPU)."""
+    args = grpo.Args(model=llama_folder, task="letter", steps=60, lr=2e-2, lora_rank=8, lora_alpha=16,
                      lora_merge=True, gradient_checkpointing=True, max_new_tokens=16, eval_interval=1000,
                      eval_prompts=4, save_interval=1000, output_dir=str(tmp_path), run_name="lora", seed=1)
     run_dir = grpo.main(args)
-    # Greedy held-out share of the letter a, before and after. (The sampled reward barely moves: adapters
-    # inside the blocks cannot sharpen a random tiny model's near-uniform output much.)
     before, after = scalars(run_dir, "eval/letter")
     assert before < 0.2 and after > 0.8, (before, after)
     assert (run_dir / "checkpoint" / "adapter_config.json").is_file()  # adapters only, a peft folder
@@ -258,7 +263,8 @@ def test_reward_fn_end_to_end_and_dynamic_sampling_fills_the_batch_with_informat
     for dynamic in (False, True):
         args = grpo.Args(model=llama_folder, task="letter", steps=3, prompts_per_step=4, group_size=2, max_new_tokens=6,
                          reward_fn=f"{tmp_path / 'rewards.py'}:by_parity", rule_weight=0.0, dynamic_sampling=dynamic,
-                         dynamic_sampling_rounds=8, eval_prompts=4, output_dir=str(tmp_path), run_name=str(dynamic))
+                         dynamic_sampling_rounds=8 if dynamic else 4, eval_prompts=4, output_dir=str(tmp_path),
+                         run_name=str(dynamic))
         runs[dynamic] = grpo.main(args)
     assert len(scalars(runs[False], "reward/by_parity")) == 3  # logged under the function's name
     assert sum(scalars(runs[False], "reward/zero_std_groups")) > 0  # the even prompts' groups

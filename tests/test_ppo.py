@@ -136,7 +136,11 @@ def test_ppo_runs_with_a_reward_model(llama_folder, tmp_path):
 
 
 def test_ppo_learns_the_letter_reward_and_the_value_loss_falls(llama_folder, tmp_path):
-    args = ppo.Args(model=llama_folder, task="letter", steps=60, lr=2e-3, beta=0.001, whiten_rewards=True,
+    """The score takes off after 40-75 steps, depending on the sampling: over seeds 1-8 on this machine
+    (2026-12-04) the last 10 of 100 steps scored 0.94-1.0 (the first 10: < 0.01) and the value loss fell
+    to ≤ 3 % of its start. 60 steps held for 7 seeds of 8; lr 3e-3 or 4e-3 took off sooner but some seeds
+    then collapsed to empty completions (reward 0)."""
+    args = ppo.Args(model=llama_folder, task="letter", steps=100, lr=2e-3, beta=0.001, whiten_rewards=True,
                     missing_eos_penalty=None, max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000,
                     output_dir=str(tmp_path), run_name="learn", seed=1)
     run_dir = ppo.main(args)

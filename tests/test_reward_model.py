@@ -41,6 +41,7 @@ def trained_rm(tmp_path_factory, llama_folder):
 
 
 def test_tiny_reward_model_separates_held_out_pairs(trained_rm):
+    """Seeds 1-8 on this machine gave held-out accuracy 1.0 after 24 steps (2026-12-04); the test asks for 0.9."""
     accuracy = scalars(trained_rm, "eval/accuracy")
     assert accuracy[-1] > 0.9, accuracy
     norm = json.loads((trained_rm / "checkpoint" / plumbing.REWARD_NORM_FILE).read_text())
@@ -85,6 +86,19 @@ def test_grpo_runs_with_the_reward_model(trained_rm, llama_folder, tmp_path):
                         str(trained_rm / "checkpoint"), "--steps", "2", "--run-name", "withrm", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(scalars(tmp_path / "runs" / "withrm", "reward/reward_model")) == 2
+
+
+def test_a_prompt_the_reward_model_cannot_read_with_its_completion_is_refused(trained_rm, llama_folder, tmp_path):
+    """The reward model reads 64 tokens (its --max-length), right-truncated: a longer prompt would leave
+    every completion cut off, all scored alike."""
+    import grpo
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Short?"] * 10 + ["Long " * 20 + "?"]))
+    args = grpo.Args(model=llama_folder, data=str(data), reward_model=str(trained_rm / "checkpoint"), output_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match=rf"^{data}:11: the prompt is \d+ tokens; the reward model reads 64 tokens \(its "
+                                         r"--max-length\), which leaves no room for the completion. Train it with a larger"):
+        grpo.main(args)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -47,18 +47,18 @@ def byte_tokenizer(chat: bool, vocab_size: int = 0) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def tiny_model(arch: str = "gpt2", seed: int = 0):
-    """(model, tokenizer): a random 2-layer model with dropout as GPT-2 ships it (0.1)."""
+def tiny_model(arch: str = "gpt2", seed: int = 0, positions: int = 256):
+    """(model, tokenizer): a random 2-layer model with dropout as GPT-2 ships it (0.1), `positions` positions."""
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer(chat=arch == "llama")
     eos = tokenizer.eos_token_id
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=positions,
                             bos_token_id=eos, eos_token_id=eos)
         model = GPT2LMHeadModel(config)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
                              eos_token_id=eos, pad_token_id=eos, bos_token_id=eos, tie_word_embeddings=True)
         model = LlamaForCausalLM(config)
     return model, tokenizer
@@ -72,8 +72,8 @@ def tiny_policy(arch: str = "gpt2", seed: int = 0):
     return model.eval(), tokenizer
 
 
-def save_tiny_model(folder: Path, arch: str = "gpt2", seed: int = 0) -> str:
-    model, tokenizer = tiny_model(arch, seed)
+def save_tiny_model(folder: Path, arch: str = "gpt2", seed: int = 0, positions: int = 256) -> str:
+    model, tokenizer = tiny_model(arch, seed, positions)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
