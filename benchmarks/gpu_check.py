@@ -132,21 +132,26 @@ def padded_forward_completion(model, rollout):
     return (model.lm_head.weight @ states.T).T
 
 
+def random_rollout(n_rows: int, group: int, prompt_len: int, completion_len: int) -> common.Rollout:
+    """Random token ids, groups sharing a prompt, completions of random lengths: a scoring pass's input."""
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(300, 40000, (n_rows // group, prompt_len), generator=g).repeat_interleave(group, 0)
+    completion_ids = torch.randint(300, 40000, (n_rows, completion_len), generator=g)
+    lengths = torch.randint(completion_len // 4, completion_len + 1, (n_rows,), generator=g)
+    mask = (torch.arange(completion_len)[None] < lengths[:, None]).long()
+    no = torch.zeros(n_rows, dtype=torch.bool, device=DEVICE)
+    return common.Rollout(prompt_ids.to(DEVICE), torch.ones_like(prompt_ids).to(DEVICE), completion_ids.to(DEVICE),
+                          mask.to(DEVICE), no, [""] * n_rows, no)
+
+
 def scoring_passes(folder: str) -> list[dict]:
     """Packed (what the scripts run) against padded, forward + backward of the token log-probs, bf16 autocast."""
     model, tokenizer = plumbing.load_model(folder, DEVICE)
     rows = []
     sizes = [(8, 8, 64, 256), (8, 8, 64, 1280), (16, 4, 64, 1280), (32, 8, 64, 512)]
     for n_rows, group, prompt_len, completion_len in [(4, 2, 8, 256)] if SMOKE else sizes:
-        g = torch.Generator().manual_seed(0)
-        n_prompts = n_rows // group
-        prompt_ids = torch.randint(300, 40000, (n_prompts, prompt_len), generator=g).repeat_interleave(group, 0)
-        completion_ids = torch.randint(300, 40000, (n_rows, completion_len), generator=g)
-        lengths = torch.randint(completion_len // 4, completion_len + 1, (n_rows,), generator=g)
-        mask = (torch.arange(completion_len)[None] < lengths[:, None]).long()
-        rollout = common.Rollout(prompt_ids.to(DEVICE), torch.ones_like(prompt_ids).to(DEVICE), completion_ids.to(DEVICE),
-                                 mask.to(DEVICE), torch.zeros(n_rows, dtype=torch.bool, device=DEVICE), [""] * n_rows,
-                                 torch.zeros(n_rows, dtype=torch.bool, device=DEVICE))
+        rollout = random_rollout(n_rows, group, prompt_len, completion_len)
+        mask = rollout.completion_mask
         ids = rollout.completion_ids[rollout.completion_mask.bool()]
         for layout, forward in [("packed", lambda: common.forward_completion(model, rollout, group)),
                                 ("padded", lambda: padded_forward_completion(model, rollout))]:
@@ -187,8 +192,8 @@ def resume_check(out: Path, llama: str, rl: dict, steps: int) -> dict:
 
     import grpo
 
-    flags = dict(model=llama, prompts_per_step=8, group_size=4, minibatch_size=16, lr=1e-5, **rl)
-    whole = run("grpo", out, "resume_whole", steps=2 * steps, save_interval=steps, **flags)
+    flags = {**rl, "model": llama, "prompts_per_step": 8, "group_size": 4, "minibatch_size": 16, "lr": 1e-5}
+    whole = run("grpo", out, "resume_whole", steps=2 * steps, **{**flags, "save_interval": steps})
     run("grpo", out, "resume_halves", steps=steps, **flags)
     grpo.main(grpo.Args(resume=str(out / "runs" / "resume_halves"), steps=2 * steps))
     a, b = (load_file(out / "runs" / name / "checkpoint" / "model.safetensors") for name in ("resume_whole", "resume_halves"))
@@ -208,8 +213,8 @@ def fsdp_check(llama: str) -> dict:
     """The --fsdp path in one process over a one-rank NCCL group (one GPU cannot hold two NCCL ranks):
     plumbing.shard with the bf16 policy against the DDP path's bf16 autocast on the same batch. They are not
     equal: under FSDP's policy the embeddings, norms and residual stream compute in bf16 too. Passes when
-    the mean |Δ log p| is under 0.05 and the gradients' relative difference under 0.1 (bf16 against fp32
-    on one batch: |Δ log p| ≈ 0.03, shared/PERF_NOTES.md)."""
+    the mean |Δ log p| is under 1 % of the mean |log p| and the gradients differ by under 10 % (relative
+    norm); the CPU's bf16 (--smoke) gave 0.4 % and 1.6 % on random tokens."""
     import copy
     import os
 
@@ -217,11 +222,9 @@ def fsdp_check(llama: str) -> dict:
     os.environ.setdefault("MASTER_PORT", "29533")
     backend = "nccl" if DEVICE.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, rank=0, world_size=1, device_id=DEVICE if backend == "nccl" else None)
-    model, tokenizer = plumbing.load_model(llama, DEVICE)
+    model, _ = plumbing.load_model(llama, DEVICE)
     sharded = plumbing.shard(copy.deepcopy(model), bf16=True)
-    torch.manual_seed(0)
-    with common.autocast(model.device, "bf16"):
-        rollout = common.generate(model, tokenizer, ["What is 2 + 2?", "Say something."] * 4, 4 if SMOKE else 64, group_size=2)
+    rollout = random_rollout(8, 2, 16, 16 if SMOKE else 128)  # not sampled: the sharpened model's samples have p ≈ 1
     results = []
     for m, bf16_autocast in ((model, True), (sharded, False)):
         with common.autocast(model.device, "bf16" if bf16_autocast else "fp32"):
@@ -232,9 +235,11 @@ def fsdp_check(llama: str) -> dict:
     (lp_a, g_a), (lp_b, g_b) = results
     mask = rollout.completion_mask.bool()
     state = plumbing.full_state_dict(sharded)  # the checkpoint's gather
-    result = {"part": "fsdp", "backend": backend, "mean_abs_logprob_difference": (lp_a - lp_b)[mask].abs().mean().item(),
+    result = {"part": "fsdp", "backend": backend, "mean_abs_logprob": lp_a[mask].abs().mean().item(),
+              "mean_abs_logprob_difference": (lp_a - lp_b)[mask].abs().mean().item(),
               "relative_gradient_difference": ((g_a - g_b).norm() / g_a.norm()).item(), "gathered_tensors": len(state)}
-    result["pass"] = result["mean_abs_logprob_difference"] < 0.05 and result["relative_gradient_difference"] < 0.1
+    relative = result["mean_abs_logprob_difference"] / result["mean_abs_logprob"]
+    result["pass"] = relative < 0.01 and result["relative_gradient_difference"] < 0.1
     # --scale-rewards batch reduces on the device: NCCL refuses a CPU tensor, which gloo (the CPU tests) takes.
     rewards = torch.arange(8.0)
     torch.distributed.all_reduce(rewards.to(DEVICE))
@@ -251,7 +256,7 @@ def fsdp_check(llama: str) -> dict:
 def cudnn_check() -> dict:
     """pytorch#196678: cuDNN attention with an explicit mask returns a NaN query gradient for a sequence
     length ≡ 64 (mod 128) where a row's log-sum-exp is below about −88.7, as in real models' massive-activation
-    heads. Made here directly: keys near one direction u, queries −c·u, so every score is about −200.
+    heads. Made here directly: keys near one direction u, queries −c·u, so every score is about −128.
     The packed pass pads its length to a multiple of 128 (common.PACK_MULTIPLE): checked at 192 and 256."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -260,7 +265,7 @@ def cudnn_check() -> dict:
         g = torch.Generator().manual_seed(0)
         u = torch.randn(64, generator=g)
         k = (u + 0.01 * torch.randn(1, 8, n, 64, generator=g)).to(DEVICE, torch.bfloat16)
-        q = (-2.0 * u.expand(1, 8, n, 64)).to(DEVICE, torch.bfloat16).requires_grad_()
+        q = (-16.0 * u.expand(1, 8, n, 64)).to(DEVICE, torch.bfloat16).requires_grad_()
         v = torch.randn(1, 8, n, 64, generator=g).to(DEVICE, torch.bfloat16)
         mask = torch.full((n, n), -math.inf, device=DEVICE).triu(1).to(torch.bfloat16)[None, None]
         lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) / 8 + mask.float(), -1).min().item()
