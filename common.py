@@ -19,6 +19,7 @@ import contextlib
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +49,11 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+           top_k: int = 0, min_p: float = 0.0, u: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: the argmax, or a draw from softmax(logits / T) cut to the
     top_k most likely tokens (0: all), to those at least min_p times as likely as the most likely one,
-    and to the top-p nucleus (the fewest most likely tokens whose probabilities add up to top_p)."""
+    and to the top-p nucleus (the fewest most likely tokens whose probabilities add up to top_p).
+    u [B, 1]: the uniform draws, float64 (default: drawn here)."""
     if greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -66,19 +68,21 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
     # Inverse CDF: the first token whose cumulative probability exceeds u·total, u ~ U[0, 1): the same
     # draw as torch.multinomial(probs, 1), which draws one random number per vocabulary entry.
     cdf = probs.double().cumsum(-1)  # [B, V]; float64: no rounding drift over a large vocabulary
-    u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64)
+    u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64) if u is None else u
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, greedy: bool = False, group_size: int = 1, top_k: int = 0, min_p: float = 0.0,
-             max_prompt_length: int | None = None) -> Rollout:
+             max_prompt_length: int | None = None, static: bool = False) -> Rollout:
     """Sample G = group_size completions for each prompt -> a Rollout of len(prompts)·G rows, each
     prompt's G rows next to each other. Each prompt is run once and its key/value cache repeated G
     times; a row leaves the batch once it has sampled EOS. Greedy output equals `model.generate`'s.
     Prompts longer than max_prompt_length tokens keep their last ones (Rollout.prompt_truncated).
-    The model samples in eval mode (a layer in training mode would go through gradient checkpointing)."""
+    The model samples in eval mode (a layer in training mode would go through gradient checkpointing).
+    static=True: the same tokens from `decode_static`'s fixed shapes (on CUDA, a captured graph)."""
+    static = static and not getattr(model.config.get_text_config(), "sliding_window", None)  # whole-context layers only
     with eval_mode(model):
         enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
@@ -94,10 +98,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B, V]: predicts each row's first token
         eos = model.generation_config.eos_token_id  # an id, a list of ids or None; and the tokenizer's
         eos = torch.tensor(sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}), device=model.device)
-        completion_ids = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, device=model.device)
-        running, attention_mask = torch.arange(len(prompt_ids), device=model.device), prompt_mask  # rows still decoding
-        for t in range(max_new_tokens):
-            next_ids = sample(logits, temperature, top_p, greedy, top_k, min_p)  # [rows running]
+        B = len(prompt_ids)
+        # u [B, 1]: one uniform draw per row and step, ended rows included, so that the fast path draws the same
+        def draw(logits, rows=slice(None)):
+            u = None if greedy else torch.rand(B, 1, device=logits.device, dtype=torch.float64)[rows]
+            return sample(logits, temperature, top_p, greedy, top_k, min_p, u)
+
+        completion_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, device=model.device)
+        if static:
+            completion_ids = decode_static(model, cache, logits, prompt_mask, max_new_tokens, eos, draw)
+        running, attention_mask = torch.arange(B, device=model.device), prompt_mask  # rows still decoding
+        for t in range(0 if static else max_new_tokens):
+            next_ids = draw(logits, running)  # [rows running]
             completion_ids[running, t] = next_ids
             going_on = ~torch.isin(next_ids, eos)
             n_going = int(going_on.sum())  # the one host sync of a decode step
@@ -109,10 +121,94 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
             logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
                            position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
-        completion_ids = completion_ids[:, : t + 1]
         mask, truncated = completion_mask(completion_ids, eos.tolist())
+        width = int(mask.sum(1).max())  # the longest completion: later columns are padding
+        completion_ids, mask = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)[:, :width], mask[:, :width]
         texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
+
+
+def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, draw) -> torch.Tensor:
+    """`generate`'s decode loop with every shape fixed -> completion ids [B, max_new_tokens], whatever follows
+    each EOS included (the completion mask leaves it out). The batch stays whole (an ended row keeps sampling),
+    the key/value cache is allocated once for prompt + completion, and the host looks at the batch every 16
+    steps, not every step. On CUDA one decode step is captured as a graph and replayed: the step then costs the
+    GPU's time, not Python's launching of every layer's kernels (`capture_step`)."""
+    from transformers import StaticCache
+
+    B, P = prompt_mask.shape
+    static = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    for layer, prefilled in zip(static.layers, cache.layers):  # the prompt's keys and values, at slots 0..P-1
+        layer.lazy_initialization(prefilled.keys, prefilled.values)
+        layer.keys[:, :, :P], layer.values[:, :, :P] = prefilled.keys, prefilled.values
+        layer.cumulative_length.fill_(P)  # the next slot written
+    attend = torch.cat([prompt_mask.bool(), prompt_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], 1)  # [B, P + T]
+    ids, position = prompt_mask.new_zeros(B, 1), prompt_mask.sum(1, keepdim=True)  # inputs at fixed addresses
+
+    def step():  # the token in `ids` at `position`, its keys and values into the next slot -> logits [B, V]
+        return model(input_ids=ids, position_ids=position, attention_mask=attend[:, None, None, :], cache=static,
+                     use_cache=True).logits[:, -1]
+
+    def rewind(n):  # undo n steps from the start: the cache's next slot, the slots attended, the position
+        for layer in static.layers:
+            layer.cumulative_length.fill_(P)
+        attend[:, P : P + n] = False
+        position.sub_(n)
+
+    def two_steps(f):  # -> the logits of two steps from the start, then undone
+        outs = []
+        for k in range(2):
+            attend[:, P + k] = True
+            outs.append(f())
+            position.add_(1)
+        rewind(2)
+        return outs
+
+    if prompt_mask.device.type == "cuda":  # the graph, once it gives the eager step's logits over two steps
+        try:
+            graphed = capture_step(step, lambda: rewind(0))
+            same = all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(two_steps(step), two_steps(graphed)))
+        except RuntimeError as e:  # something in the step that a graph cannot hold
+            same, why = False, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        if same:
+            step = graphed
+        else:
+            warnings.warn(f"decoding without a CUDA graph: the captured step {why if 'why' in locals() else 'differs'}")
+    completion_ids, done = prompt_mask.new_zeros(B, max_new_tokens), torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        completion_ids[:, t] = draw(logits)
+        done |= torch.isin(completion_ids[:, t], eos)
+        if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
+            break
+        ids.copy_(completion_ids[:, t, None])
+        attend[:, P + t] = True  # the slot this token's keys and values go to
+        logits = step()
+        position.add_(1)
+    return completion_ids
+
+
+def capture_step(step, rewind):
+    """step() recorded once as a CUDA graph -> a function that replays it (same inputs' addresses, new values).
+    Warm-up runs on a side stream, as torch.cuda.graph asks; rewind() undoes what it wrote into the cache.
+    Autocast's weight cache is off while recording, so that each replay casts the weights it reads."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.get_autocast_dtype("cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        rewind()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+
+    def replay():
+        graph.replay()
+        return logits.clone()
+
+    return replay
 
 
 @contextlib.contextmanager
@@ -417,14 +513,14 @@ def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int, dtype: str, batch_size: int = 32,
-             max_prompt_length: int | None = None) -> dict:
+             max_prompt_length: int | None = None, static: bool = False) -> dict:
     """Greedy completions on held-out prompts, cut as the training prompts are -> {"reward": mean total,
     name: mean of each part}; reward_fn(rows, completions) -> (total [N], {name: [N]}), as compute_rewards."""
     texts = []
     for i in range(0, len(rows), batch_size):
         with autocast(model.device, dtype):
             texts += generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]], max_new_tokens,
-                              greedy=True, max_prompt_length=max_prompt_length).texts
+                              greedy=True, max_prompt_length=max_prompt_length, static=static).texts
     total, parts = reward_fn(rows, texts)
     return {"reward": total.mean().item(), **{k: v.nanmean().item() for k, v in parts.items()}}
 
@@ -440,6 +536,11 @@ def format_prompt(tokenizer, text: str) -> str:
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast on CUDA by default ("auto"), or anywhere with dtype="bf16"; weights stay fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, dtype))
+
+
+def uses_static(device: torch.device, generation: str) -> bool:
+    """What the --generation flag means: `decode_static` on CUDA by default ("auto"), or anywhere with "static"."""
+    return generation == "static" or (generation == "auto" and device.type == "cuda")
 
 
 def uses_bf16(device: torch.device, dtype: str) -> bool:

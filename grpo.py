@@ -187,7 +187,8 @@ def sample_groups(model, tokenizer, prompts: list[dict], reward_fn, rng: torch.G
         with common.autocast(model.device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
             rollout = common.generate(model, tokenizer, [prompts[i]["prompt"] for i in picks], args.max_new_tokens,
                                       group_size=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                      min_p=args.min_p, max_prompt_length=args.max_prompt_length)
+                                      min_p=args.min_p, max_prompt_length=args.max_prompt_length,
+                                      static=common.uses_static(model.device, args.generation))
         rows = [prompts[i] for i in picks for _ in range(G)]
         rewards, parts = reward_fn(rows, rollout.texts)
         if args.overlong_buffer:

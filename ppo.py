@@ -223,7 +223,8 @@ def main(args: Args):
             with common.autocast(device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
                 rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
                                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                          min_p=args.min_p, max_prompt_length=args.max_prompt_length)
+                                          min_p=args.min_p, max_prompt_length=args.max_prompt_length,
+                                          static=common.uses_static(device, args.generation))
             mask = rollout.completion_mask  # [B, T]
             gen_seconds = time.time() - t0
 

@@ -335,7 +335,8 @@ def main(args: Args):
                 rollout = common.generate(model, tokenizer, [run.train_rows[i]["prompt"] for i in picks],
                                           args.max_new_tokens, group_size=G, temperature=args.temperature,
                                           top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                          max_prompt_length=args.max_prompt_length)
+                                          max_prompt_length=args.max_prompt_length,
+                                          static=common.uses_static(device, args.generation))
             mask = rollout.completion_mask  # [B, T]
             scores, parts = run.reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:

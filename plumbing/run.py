@@ -85,6 +85,8 @@ class RLArgs:
     """recompute each layer's activations in the backward pass: much less activation memory, ~30 % more compute"""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32): `auto` uses it on CUDA only"""
+    generation: Literal["auto", "loop", "static"] = "auto"
+    """decoding: `loop` (the plain loop), `static` (fixed shapes, one CUDA graph per step on CUDA; the same tokens), `auto`: static on CUDA"""
     output_dir: str = "runs"
     """TensorBoard events and checkpoints go to output_dir/run_name"""
     run_name: str | None = None
@@ -250,7 +252,8 @@ class Run:
             print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy) ...", flush=True)
         with gathered(model):  # FSDP: every layer gathered once
             self.scores = common.evaluate(model, tokenizer, self.eval_rows, self.reward_fn, a.max_new_tokens, a.dtype,
-                                          max_prompt_length=a.max_prompt_length)
+                                          max_prompt_length=a.max_prompt_length,
+                                          static=common.uses_static(self.device, a.generation))
         if self.writer is not None:
             for k, v in self.scores.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
@@ -392,8 +395,8 @@ def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None
         print(f"stopped; the checkpoint of step {saved_step} is in {checkpoint}. Resume with: "
               f"python {script}.py --resume {run_dir}" + (f" --steps {steps}" if steps_changed else ""))
     else:
-        print(f"done: held-out score {score:.3f} after {steps} steps; checkpoint: {checkpoint}; "
-              f"tensorboard --logdir {run_dir}")
+        held_out = "no held-out evaluation" if math.isnan(score) else f"held-out score {score:.3f}"
+        print(f"done: {held_out} after {steps} steps; checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
 
 
 def lr_scheduler(optimizer, schedule: str, warmup_steps: int, steps: int):

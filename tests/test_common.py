@@ -288,6 +288,32 @@ def test_generate_matches_transformers_generate_while_rows_end_and_leave(arch):
         assert ours.completion_ids[row, :n].tolist() == theirs[row, :n].tolist()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_decoding_draws_the_same_tokens_as_the_plain_loop(arch, greedy):
+    """decode_static (fixed shapes, the batch kept whole, the cache allocated once; without the CUDA graph
+    on a CPU) against the plain loop that drops ended rows: the same Rollout, from the same random state,
+    with ragged prompts, groups, --max-prompt-length, top-p/top-k and rows that end mid-way."""
+    model, tokenizer = tiny_policy(arch)
+    with torch.no_grad():  # sharper logits: varied tokens, and some rows sample an end token early
+        for p in model.parameters():
+            p.mul_(4)
+    ends = tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz")[::2])  # every other letter ends a row too
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *ends]
+    prompts = ["hi", "a longer prompt here", "xyz"]
+    rollouts = []
+    for static in (False, True):
+        torch.manual_seed(3)
+        rollouts.append(common.generate(model, tokenizer, prompts, 20, greedy=greedy, group_size=3, max_prompt_length=12,
+                                        top_p=0.9, top_k=50, static=static))
+    plain, fast = rollouts
+    lengths = plain.completion_mask.sum(1)
+    assert plain.prompt_truncated.any() and len(set(lengths.tolist())) > 1 and lengths.min() < 20
+    for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "prompt_truncated"):
+        assert torch.equal(getattr(plain, field), getattr(fast, field)), field
+    assert plain.texts == fast.texts
+
+
 def test_sample_draws_from_the_top_p_nucleus_in_proportion():
     torch.manual_seed(0)
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20000, 4)

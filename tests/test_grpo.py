@@ -289,12 +289,13 @@ def test_reward_fn_none_counts_zero_and_its_errors_name_the_function(llama_folde
 
 
 def test_grpo_variants_run_end_to_end(llama_folder, tmp_path):
-    """GSPO's sequence ratio, DAPO's token mean with ε_high and overlong penalty, k3_ratio, a schedule, top-k/min-p."""
+    """GSPO's sequence ratio, DAPO's token mean with ε_high and overlong penalty, k3_ratio, a schedule, top-k/min-p,
+    the static decoding path."""
     args = grpo.Args(model=llama_folder, task="letter", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
                      num_iterations=2, importance_sampling_level="sequence", loss_type="dapo", epsilon_high=0.28,
                      overlong_buffer=4, mask_truncated_completions=True, kl_estimator="k3_ratio", scale_rewards="batch",
                      lr_schedule="cosine", warmup_steps=1, top_k=50, min_p=0.05, max_prompt_length=8, eval_prompts=4,
-                     output_dir=str(tmp_path), run_name="variants")
+                     generation="static", output_dir=str(tmp_path), run_name="variants")
     run_dir = grpo.main(args)
     assert len(scalars(run_dir, "reward/overlong")) == 2 and all(v > 0 for v in scalars(run_dir, "completion/prompts_truncated"))
     lrs = scalars(run_dir, "train/lr")
