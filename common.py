@@ -99,32 +99,34 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         eos = model.generation_config.eos_token_id  # an id, a list of ids or None; and the tokenizer's
         eos = torch.tensor(sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}), device=model.device)
         B = len(prompt_ids)
-        # u [B, 1]: one uniform draw per row and step, ended rows included, so that the fast path draws the same
-        def draw(logits, rows=slice(None)):
+
+        def draw(logits, rows=slice(None)):  # one uniform per row and step, ended rows too: both paths draw alike
             u = None if greedy else torch.rand(B, 1, device=logits.device, dtype=torch.float64)[rows]
             return sample(logits, temperature, top_p, greedy, top_k, min_p, u)
 
-        completion_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, device=model.device)
-        if static:
+        if static:  # the same draws with fixed shapes (and a CUDA graph on CUDA)
             completion_ids = decode_static(model, cache, logits, prompt_mask, max_new_tokens, eos, draw)
-        running, attention_mask = torch.arange(B, device=model.device), prompt_mask  # rows still decoding
-        for t in range(0 if static else max_new_tokens):
-            next_ids = draw(logits, running)  # [rows running]
-            completion_ids[running, t] = next_ids
-            going_on = ~torch.isin(next_ids, eos)
-            n_going = int(going_on.sum())  # the one host sync of a decode step
-            if t == max_new_tokens - 1 or n_going == 0:
-                break
-            if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
-                running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
-                cache.batch_select_indices(going_on.nonzero().squeeze(1))
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
-            logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
-                           position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
+        else:
+            completion_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, device=model.device)
+            running, attention_mask = torch.arange(B, device=model.device), prompt_mask  # rows still decoding
+            for t in range(max_new_tokens):
+                next_ids = draw(logits, running)  # [rows running]
+                completion_ids[running, t] = next_ids
+                going_on = ~torch.isin(next_ids, eos)
+                n_going = int(going_on.sum())  # the one host sync of a decode step
+                if t == max_new_tokens - 1 or n_going == 0:
+                    break
+                if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
+                    running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
+                    cache.batch_select_indices(going_on.nonzero().squeeze(1))
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
+                logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                               position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
         mask, truncated = completion_mask(completion_ids, eos.tolist())
         width = int(mask.sum(1).max())  # the longest completion: later columns are padding
-        completion_ids, mask = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)[:, :width], mask[:, :width]
-        texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+        completion_ids = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)[:, :width]  # pad after each EOS
+        mask = mask[:, :width]
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
 
 
@@ -142,7 +144,7 @@ def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, d
         layer.lazy_initialization(prefilled.keys, prefilled.values)
         layer.keys[:, :, :P], layer.values[:, :, :P] = prefilled.keys, prefilled.values
         layer.cumulative_length.fill_(P)  # the next slot written
-    attend = torch.cat([prompt_mask.bool(), prompt_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], 1)  # [B, P + T]
+    attend = torch.cat([prompt_mask, prompt_mask.new_zeros(B, max_new_tokens)], 1).bool()  # [B, P + T]: slots attended
     ids, position = prompt_mask.new_zeros(B, 1), prompt_mask.sum(1, keepdim=True)  # inputs at fixed addresses
 
     def step():  # the token in `ids` at `position`, its keys and values into the next slot -> logits [B, V]
@@ -331,7 +333,8 @@ def pack(rollout: Rollout, group_size: int = 1, dtype=torch.float32, multiple: i
     position_ids = torch.cat([(in_prompt.cumsum(1) - 1)[in_prompt], prompt_len[c_group] + c_t])  # note 1
     n_real = len(group)
     pad = torch.arange(-n_real % multiple, device=device)  # padding tokens, each alone in a group of its own
-    group, row, position_ids = torch.cat([group, -2 - pad]), torch.cat([row, pad * 0 - 2]), torch.cat([position_ids, pad * 0])
+    group, row = torch.cat([group, -2 - pad]), torch.cat([row, pad * 0 - 2])
+    position_ids = torch.cat([position_ids, pad * 0])
     n = len(group)
     i = torch.arange(n, device=device)
     attend = (group[:, None] == group) & (i[None] <= i[:, None]) & ((row == -1)[None] | (row[:, None] == row))

@@ -213,21 +213,31 @@ def test_a_second_run_under_the_same_name_fails_early_and_keeps_the_first(tmp_pa
     assert sorted(p.name for p in first.rglob("*")) == ["checkpoint", "config.json"]
 
 
+def letter_logprob(folder) -> float:
+    """Mean log π(a) of the first completion token over 16 letter-task prompts: how much the policy leans to the letter."""
+    model, tokenizer = plumbing.load_model(str(folder), torch.device("cpu"))
+    enc = tokenizer([common.format_prompt(tokenizer, f"Say something about tree {i}.") for i in range(16)],
+                    return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    return logits.log_softmax(-1)[:, tokenizer.convert_tokens_to_ids(common.LETTER)].mean().item()
+
+
 def test_grpo_with_lora_learns_the_letter_reward_and_saves_adapters_and_a_merged_model(llama_folder, tmp_path):
+    """The adapters raise log π(a) from -5.60 (near uniform over 259 tokens) by more than 0.25. Seeds 1-12 on
+    this machine raised it by 0.48-0.67 in 30 steps (2026-12-04). The sampled reward barely moves, and the greedy
+    held-out share flips between 0 and 1 as the adapters learn (seed 4 ended at 0.05 while its log π(a) rose by
+    0.48; on another CPU seed 1 ended at 0.31): adapters inside the blocks cannot sharpen a random tiny model's
+    near-uniform output much, so the test reads the smooth quantity."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    """Greedy held-out share of the letter a, before and after. (The sampled reward barely moves: adapters
-    inside the blocks cannot sharpen a random tiny model's near-uniform output much.) The greedy share flips
-    between 0 and 1 while the adapters learn: with seeds 1-11 on this machine it was 1.0 at every evaluation
-    from step 36 to step 60 and before step 36 it still fell back to 0 (2026-12-04); 30 steps held for
-    some seeds only (seed 1 ended at 0.31 on another CPU)."""
-    args = grpo.Args(model=llama_folder, task="letter", steps=60, lr=2e-2, lora_rank=8, lora_alpha=16,
+    args = grpo.Args(model=llama_folder, task="letter", steps=30, lr=2e-2, lora_rank=8, lora_alpha=16,
                      lora_merge=True, gradient_checkpointing=True, max_new_tokens=16, eval_interval=1000,
                      eval_prompts=4, save_interval=1000, output_dir=str(tmp_path), run_name="lora", seed=1)
     run_dir = grpo.main(args)
-    before, after = scalars(run_dir, "eval/letter")
-    assert before < 0.2 and after > 0.8, (before, after)
+    before, after = letter_logprob(llama_folder), letter_logprob(run_dir / "checkpoint-merged")
+    assert after > before + 0.25, (before, after)
     assert (run_dir / "checkpoint" / "adapter_config.json").is_file()  # adapters only, a peft folder
     base = AutoModelForCausalLM.from_pretrained(llama_folder)
     adapted = PeftModel.from_pretrained(base, run_dir / "checkpoint").merge_and_unload()
