@@ -235,7 +235,8 @@ def check_args(args: Args) -> None:
     plumbing.refuse_idle_flags(args, [
         *[(name, args.num_iterations == 1, mu_1) for name in ("epsilon", "epsilon_high", "importance_sampling_level")],
         ("dynamic_sampling_rounds", not args.dynamic_sampling, "it bounds --dynamic-sampling, which is off"),
-        ("kl_estimator", args.beta == 0, "--beta 0 has no KL term"), ("beta", args.kl_estimator == "none", "--kl-estimator none has no KL term")])
+        ("kl_estimator", args.beta == 0, "--beta 0 has no KL term"),
+        ("beta", args.kl_estimator == "none", "--kl-estimator none has no KL term")])
     if args.importance_sampling_level == "sequence" and args.loss_type != "grpo" and plumbing.rank() == 0:
         print(f"warning: GSPO's sequence ratio with --loss-type {args.loss_type} weights each completion by its length; "
               "GSPO's paper averages per sequence (--loss-type grpo)", file=sys.stderr)
