@@ -167,15 +167,16 @@ def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, d
         return outs
 
     if prompt_mask.device.type == "cuda":  # the graph, once it gives the eager step's logits over two steps
+        why = "gives other logits than the eager step"
         try:
             graphed = capture_step(step, lambda: rewind(0))
             same = all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(two_steps(step), two_steps(graphed)))
         except RuntimeError as e:  # something in the step that a graph cannot hold
-            same, why = False, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            same, why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
         if same:
             step = graphed
         else:
-            warnings.warn(f"decoding without a CUDA graph: the captured step {why if 'why' in locals() else 'differs'}")
+            warnings.warn(f"decoding without a CUDA graph: the captured step {why}")
     completion_ids, done = prompt_mask.new_zeros(B, max_new_tokens), torch.zeros(B, dtype=torch.bool, device=ids.device)
     for t in range(max_new_tokens):
         completion_ids[:, t] = draw(logits)
