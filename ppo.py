@@ -279,21 +279,20 @@ def main(args: Args):
             update_seconds = time.time() - t1
 
             # --- 6. statistics (each figure is this process's, then averaged over processes) ---
-            sequence_kl = plumbing.all_mean(kl.sum(1).mean()).item()
-            non_score = -beta * kl.sum(1)  # [B]
+            sequence_kl, non_score = plumbing.all_mean(kl.sum(1).mean()).item(), -beta * kl.sum(1)  # non-score reward [B]
             lengths = mask.sum(1).float()
             log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0)
             metrics = {
-                "objective/scores": scores.mean(), "objective/kl": sequence_kl,
+                "objective/scores": scores.mean(), "objective/kl": sequence_kl, "objective/kl_coef": beta,
                 "objective/kl_k3_per_token": ((log_ratio.exp() - log_ratio - 1) * mask).sum() / mask.sum(),
                 "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
-                "objective/kl_coef": beta, **{f"reward/{k}": v.mean() for k, v in parts.items()},
+                **{f"reward/{k}": v.mean() for k, v in parts.items()},
                 **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
                 "value/explained_variance": explained_variance(old_values, returns, mask),
                 "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
                 "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
-                "train/lr": lr, "time/generation_s": gen_seconds,
-                "time/update_s": update_seconds, "time/tokens_per_s": lengths.sum() / gen_seconds,
+                "train/lr": lr, "time/generation_s": gen_seconds, "time/update_s": update_seconds,
+                "time/tokens_per_s": lengths.sum() / gen_seconds,
                 "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
             }
 
@@ -306,7 +305,6 @@ def main(args: Args):
             run.evaluate(step, model, tokenizer)
             run.log(step, metrics, [r["prompt"] for r in rows], rollout.texts, scores,
                     show={"score": "objective/scores", "kl": "objective/kl_k3_per_token"}, replicas=(model, value_head))
-
             run.checkpoint(step, model, tokenizer, optimizer, scheduler, modules={"value_head": value_head},
                            state={"beta": beta})
     return run.folder
