@@ -68,13 +68,12 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> int
 COLLECTIVE_DEVICE: torch.device | None = None  # the run's device (init_distributed): every collective's tensors live there
 
 
-def on_collective_device(x: torch.Tensor) -> torch.Tensor:
-    """x, refused when it is not on the run's device: NCCL takes CUDA tensors only, so a CPU tensor in a
+def on_collective_device(x: torch.Tensor) -> None:
+    """Refuse x when it is not on the run's device: NCCL takes CUDA tensors only, so a CPU tensor in a
     collective fails only on GPUs. Checked alone too, so that a one-GPU run finds it."""
     if COLLECTIVE_DEVICE is not None and x.device.type != COLLECTIVE_DEVICE.type:
         raise RuntimeError(f"a collective was given a tensor on {x.device} in a run on {COLLECTIVE_DEVICE}; "
                            "move it to the run's device first (NCCL has no CPU tensors)")
-    return x
 
 
 @contextlib.contextmanager
