@@ -122,7 +122,8 @@ def check_prompt_lengths(tokenizer, rows: list[dict], limit: int, why: str, fix:
 
 def check_fits(args, rows: list[dict], positions: int | None, tokenizer) -> None:
     """Every prompt with its completion budget within the model's positions, else an error naming the line
-    and the fix; with --max-prompt-length the cut prompts fit (check_context)."""
+    and the fix; with --max-prompt-length the cut prompts fit (check_context). Called once the model has
+    loaded: check_context again, because the embedded model's config is known only after its conversion."""
     check_context(positions, args.max_new_tokens, args.max_prompt_length)
     if positions is not None and args.max_prompt_length is None:
         check_prompt_lengths(tokenizer, rows, positions - args.max_new_tokens,
