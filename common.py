@@ -1,12 +1,10 @@
-"""The small shared core of grpo.py, ppo.py, trpo.py and reward_model.py; nothing algorithm-specific.
+"""The core a step of grpo.py, ppo.py and trpo.py touches: rollouts and log-probabilities; nothing algorithm-specific.
 
-1. Rollouts: batched sampling and the completion mask.
-2. Log-probabilities: the plain padded computation first, then the packed one the scripts use
-   (tested equal to it in values and gradients).
-3. Tasks and rewards: the built-in prompts, rule rewards, reward-model scores, your own reward
-   function, held-out evaluation.
-It imports nothing else of the project: copy it alone. The run's machinery (loading models, devices,
-processes, logging, checkpoints, Ctrl-C and resuming, checking input) is in plumbing/.
+1. Rollouts: batched sampling (the plain decode loop) and the completion mask.
+2. Log-probabilities: the plain padded computation first, then the packed one the scripts use (tested equal).
+3. The sampler against the trainer: the gap between their log-probabilities, and importance weights for it.
+It imports nothing else of the project: copy it alone. Elsewhere: tasks and rewards (tasks.py), the GPU
+decoder (static_decode.py), the run's machinery (plumbing/: models, processes, logging, checkpoints, input).
 
 "Note N" refers to these details (Huang et al. 2024, "The N Implementation Details of RLHF with
 PPO"): 1. left-pad prompts, positions from the attention mask; 2. recompute log-probs in a separate
@@ -17,10 +15,7 @@ predict token t+1; 6. the [batch, length, vocabulary] logits run out of memory f
 
 import contextlib
 import math
-import random
-import re
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -37,6 +32,7 @@ class Rollout:
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
     texts: list[str]  # decoded completions, special tokens removed
     prompt_truncated: torch.Tensor  # [B] bool: the prompt was cut to max_prompt_length (its first tokens dropped)
+    sampler_logprobs: torch.Tensor  # [B, T] log π(token) as the decoder saw it (full softmax at the temperature)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +45,17 @@ def completion_mask(completion_ids: torch.Tensor, eos: list[int]) -> tuple[torch
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           top_k: int = 0, min_p: float = 0.0, u: torch.Tensor | None = None) -> torch.Tensor:
+           top_k: int = 0, min_p: float = 0.0, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token ids [B] from logits [B, V]: the argmax, or a draw from softmax(logits / T) cut to the
     top_k most likely tokens (0: all), to those at least min_p times as likely as the most likely one,
     and to the top-p nucleus (the fewest most likely tokens whose probabilities add up to top_p).
-    u [B, 1]: the uniform draws, float64 (default: drawn here)."""
+    u [B, 1]: the uniform draws, float64 (default: drawn here). Also returns log π(token) [B] under the
+    full softmax(logits / T), the distribution the training passes score with (note 2), not the cut one."""
+    log_probs = torch.log_softmax(logits.float() / temperature, -1)  # [B, V]
     if greedy:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
+        ids = logits.argmax(-1)
+        return ids, log_probs.gather(-1, ids[:, None]).squeeze(-1)
+    probs = log_probs.exp()
     if top_k > 0:
         probs = probs.masked_fill(probs < probs.topk(min(top_k, probs.shape[-1]), -1).values[:, -1:], 0.0)
     if min_p > 0:
@@ -69,20 +68,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
     # draw as torch.multinomial(probs, 1), which draws one random number per vocabulary entry.
     cdf = probs.double().cumsum(-1)  # [B, V]; float64: no rounding drift over a large vocabulary
     u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64) if u is None else u
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return ids, log_probs.gather(-1, ids[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, greedy: bool = False, group_size: int = 1, top_k: int = 0, min_p: float = 0.0,
-             max_prompt_length: int | None = None, static: bool = False) -> Rollout:
-    """Sample G = group_size completions for each prompt -> a Rollout of len(prompts)·G rows, each
-    prompt's G rows next to each other. Each prompt is run once and its key/value cache repeated G
-    times; a row leaves the batch once it has sampled EOS. Greedy output equals `model.generate`'s.
-    Prompts longer than max_prompt_length tokens keep their last ones (Rollout.prompt_truncated).
-    The model samples in eval mode (a layer in training mode would go through gradient checkpointing).
-    static=True: the same tokens from `decode_static`'s fixed shapes (on CUDA, a captured graph)."""
-    static = static and not getattr(model.config.get_text_config(), "sliding_window", None)  # whole-context layers only
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             greedy: bool = False, group_size: int = 1, top_k: int = 0, min_p: float = 0.0,
+             max_prompt_length: int | None = None, decode=None) -> Rollout:
+    """Sample G = group_size completions for each prompt (a string or chat messages) -> a Rollout of len(prompts)·G
+    rows, a prompt's G rows together. Each prompt runs once, its key/value cache repeated G times; then `decode`
+    samples (default `decode_loop`; static_decode.decode_static draws the same tokens with fixed shapes and, on
+    CUDA, a graph). Greedy output equals `model.generate`'s. Prompts over max_prompt_length tokens keep their
+    last ones. Sampling runs in eval mode (a layer in training mode would go through gradient checkpointing)."""
     with eval_mode(model):
         enc = tokenizer([format_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
@@ -100,118 +98,42 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         eos = torch.tensor(sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])}), device=model.device)
         B = len(prompt_ids)
 
-        def draw(logits, rows=slice(None)):  # one uniform per row and step, ended rows too: both paths draw alike
+        def draw(logits, rows=slice(None)):  # one uniform per row and step, ended rows too: both decoders draw alike
             u = None if greedy else torch.rand(B, 1, device=logits.device, dtype=torch.float64)[rows]
-            return sample(logits, temperature, top_p, greedy, top_k, min_p, u)
+            return sample(logits, temperature, top_p, greedy, top_k, min_p, u)  # (ids, log-probs) [rows]
 
-        if static:  # the same draws with fixed shapes (and a CUDA graph on CUDA)
-            completion_ids = decode_static(model, cache, logits, prompt_mask, max_new_tokens, eos, draw)
-        else:
-            completion_ids = torch.full((B, max_new_tokens), tokenizer.pad_token_id, device=model.device)
-            running, attention_mask = torch.arange(B, device=model.device), prompt_mask  # rows still decoding
-            for t in range(max_new_tokens):
-                next_ids = draw(logits, running)  # [rows running]
-                completion_ids[running, t] = next_ids
-                going_on = ~torch.isin(next_ids, eos)
-                n_going = int(going_on.sum())  # the one host sync of a decode step
-                if t == max_new_tokens - 1 or n_going == 0:
-                    break
-                if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
-                    running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
-                    cache.batch_select_indices(going_on.nonzero().squeeze(1))
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
-                logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
-                               position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
+        completion_ids, sampler_logprobs = (decode or decode_loop)(model, cache, logits, prompt_mask, max_new_tokens, eos, draw)
         mask, truncated = completion_mask(completion_ids, eos.tolist())
         width = int(mask.sum(1).max())  # the longest completion: later columns are padding
         completion_ids = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)[:, :width]  # pad after each EOS
         mask = mask[:, :width]
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, texts, prompt_truncated,
+                       sampler_logprobs[:, :width] * mask)
 
 
-def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, draw) -> torch.Tensor:
-    """`generate`'s decode loop with every shape fixed -> completion ids [B, max_new_tokens], whatever follows
-    each EOS included (the completion mask leaves it out). The batch stays whole (an ended row keeps sampling),
-    the key/value cache is allocated once for prompt + completion, and the host looks at the batch every 16
-    steps, not every step. On CUDA one decode step is captured as a graph and replayed: the step then costs the
-    GPU's time, not Python's launching of every layer's kernels (`capture_step`)."""
-    from transformers import StaticCache
-
-    B, P = prompt_mask.shape
-    static = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    for layer, prefilled in zip(static.layers, cache.layers):  # the prompt's keys and values, at slots 0..P-1
-        layer.lazy_initialization(prefilled.keys, prefilled.values)
-        layer.keys[:, :, :P], layer.values[:, :, :P] = prefilled.keys, prefilled.values
-        layer.cumulative_length.fill_(P)  # the next slot written
-    attend = torch.cat([prompt_mask, prompt_mask.new_zeros(B, max_new_tokens)], 1).bool()  # [B, P + T]: slots attended
-    ids, position = prompt_mask.new_zeros(B, 1), prompt_mask.sum(1, keepdim=True)  # inputs at fixed addresses
-
-    def step():  # the token in `ids` at `position`, its keys and values into the next slot -> logits [B, V]
-        return model(input_ids=ids, position_ids=position, attention_mask=attend[:, None, None, :], cache=static,
-                     use_cache=True).logits[:, -1]
-
-    def rewind(n):  # undo n steps from the start: the cache's next slot, the slots attended, the position
-        for layer in static.layers:
-            layer.cumulative_length.fill_(P)
-        attend[:, P : P + n] = False
-        position.sub_(n)
-
-    def two_steps(f):  # -> the logits of two steps from the start, then undone
-        outs = []
-        for k in range(2):
-            attend[:, P + k] = True
-            outs.append(f())
-            position.add_(1)
-        rewind(2)
-        return outs
-
-    if prompt_mask.device.type == "cuda":  # the graph, once it gives the eager step's logits over two steps
-        why = "gives other logits than the eager step"
-        try:
-            graphed = capture_step(step, lambda: rewind(0))
-            same = all(torch.allclose(a, b, rtol=1e-2, atol=1e-2) for a, b in zip(two_steps(step), two_steps(graphed)))
-        except RuntimeError as e:  # something in the step that a graph cannot hold
-            same, why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
-        if same:
-            step = graphed
-        else:
-            warnings.warn(f"decoding without a CUDA graph: the captured step {why}")
-    completion_ids, done = prompt_mask.new_zeros(B, max_new_tokens), torch.zeros(B, dtype=torch.bool, device=ids.device)
+def decode_loop(model, cache, logits, prompt_mask, max_new_tokens: int, eos, draw):
+    """The plain decode loop -> (completion ids, their log-probs), [B, ≤ max_new_tokens] each. logits [B, V]
+    predict each row's first token; cache holds the prompts' keys and values; draw(logits, rows) -> (ids,
+    log-probs) of the rows still decoding. A row leaves the batch and the cache once it has sampled an EOS."""
+    B = len(prompt_mask)
+    completion_ids = prompt_mask.new_zeros(B, max_new_tokens)
+    sampler_logprobs = torch.zeros(B, max_new_tokens, device=logits.device)
+    running, attention_mask = torch.arange(B, device=logits.device), prompt_mask  # rows still decoding
     for t in range(max_new_tokens):
-        completion_ids[:, t] = draw(logits)
-        done |= torch.isin(completion_ids[:, t], eos)
-        if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):  # a host sync every 16 steps
+        next_ids, sampler_logprobs[running, t] = draw(logits, running)  # [rows running]
+        completion_ids[running, t] = next_ids
+        going_on = ~torch.isin(next_ids, eos)
+        n_going = int(going_on.sum())  # the one host sync of a decode step
+        if t == max_new_tokens - 1 or n_going == 0:
             break
-        ids.copy_(completion_ids[:, t, None])
-        attend[:, P + t] = True  # the slot this token's keys and values go to
-        logits = step()
-        position.add_(1)
-    return completion_ids
-
-
-def capture_step(step, rewind):
-    """step() recorded once as a CUDA graph -> a function that replays it (same inputs' addresses, new values).
-    Warm-up runs on a side stream, as torch.cuda.graph asks; rewind() undoes what it wrote into the cache.
-    Autocast's weight cache is off while recording, so that each replay casts the weights it reads."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    dtype = torch.get_autocast_dtype("cuda")
-    with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        rewind()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
-
-    def replay():
-        graph.replay()
-        return logits.clone()
-
-    return replay
+        if n_going < len(running):  # drop the rows that just ended from the batch and from the cache
+            running, next_ids, attention_mask = running[going_on], next_ids[going_on], attention_mask[going_on]
+            cache.batch_select_indices(going_on.nonzero().squeeze(1))
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], 1)
+        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                       position_ids=attention_mask.sum(1, keepdim=True) - 1).logits[:, -1]
+    return completion_ids[:, : t + 1], sampler_logprobs[:, : t + 1]
 
 
 @contextlib.contextmanager
@@ -227,24 +149,22 @@ def eval_mode(model):
 
 
 def rollout_slice(r: Rollout, rows) -> Rollout:
-    return Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                   r.truncated[rows], r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows],
-                   r.prompt_truncated[rows])
+    """Some rows of a rollout (a slice, or a tensor or list of indices)."""
+    texts = r.texts[rows] if isinstance(rows, slice) else [r.texts[i] for i in rows]
+    return Rollout(**{f.name: texts if f.name == "texts" else getattr(r, f.name)[rows] for f in fields(Rollout)})
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
     """Several rollouts as one: prompts left-padded and completions right-padded to the longest."""
-    P, T = max(r.prompt_ids.shape[1] for r in rollouts), max(r.completion_ids.shape[1] for r in rollouts)
+    def cat(name):
+        parts = [getattr(r, name) for r in rollouts]
+        if name == "texts" or parts[0].dim() == 1:
+            return [t for p in parts for t in p] if name == "texts" else torch.cat(parts)
+        width, value = max(p.shape[1] for p in parts), pad_id if name.endswith("_ids") else 0
+        pad = lambda p: (width - p.shape[1], 0) if name.startswith("prompt") else (0, width - p.shape[1])  # noqa: E731
+        return torch.cat([torch.nn.functional.pad(p, pad(p), value=value) for p in parts])
 
-    def cat(tensors, width, value, left):
-        pad = lambda x: torch.nn.functional.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]),  # noqa: E731
-                                                value=value)
-        return torch.cat([pad(x) for x in tensors])
-
-    return Rollout(cat([r.prompt_ids for r in rollouts], P, pad_id, True), cat([r.prompt_mask for r in rollouts], P, 0, True),
-                   cat([r.completion_ids for r in rollouts], T, pad_id, False),
-                   cat([r.completion_mask for r in rollouts], T, 0, False), torch.cat([r.truncated for r in rollouts]),
-                   [t for r in rollouts for t in r.texts], torch.cat([r.prompt_truncated for r in rollouts]))
+    return Rollout(**{f.name: cat(f.name) for f in fields(Rollout)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,138 +333,64 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Tasks and rewards. A prompt is a dict {"prompt": str, "answer": str | None}.
-
-TASKS = ("arithmetic", "letter")
-LETTER = "a"  # the `letter` task rewards the share of this character: learnable in seconds
+# 3. The sampler against the trainer: their log-probs differ by kernels, batch shapes and bf16 rounding (a
+# decoder bug, by far more), and with μ = 1 the ratio π_θ/π_old is 1 whatever the decoder did.
 
 
-def task_prompts(task: str, seed: int, n_eval: int = 64) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) prompts of a built-in task: "What is A + B?" (A, B in 1..50; a fixed held-out
-    split), or `letter`. Prompts from a JSONL file (--data) are read by plumbing's load_prompts."""
-    if task == "arithmetic":
-        pairs = [(a, b) for a in range(1, 51) for b in range(1, 51)]
-        random.Random(1234).shuffle(pairs)  # not the seed: held-out stays held out across seeds
-        rows = [{"prompt": f"What is {a} + {b}? Answer with just the number.", "answer": str(a + b)} for a, b in pairs]
-        return rows[n_eval:], rows[:n_eval]
-    if task == "letter":
-        words = ["apple", "banana", "cat", "dog", "sea", "tree", "river", "stone", "light", "cloud"]
-        rng = random.Random(seed)
-        rows = [{"prompt": f"Say something about {rng.choice(words)} {i}.", "answer": None} for i in range(1000 + n_eval)]
-        return rows[n_eval:], rows[:n_eval]
-    raise SystemExit(f"--task {task}: unknown; choose one of {TASKS} or pass --data FILE.jsonl")
+def sampler_mismatch(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The sampler's log-probs against the trainer's over real tokens ([B, T] each): mean and max |log π_trainer −
+    log π_sampler|, the k3 estimate of KL(sampler ‖ trainer) (r = π_trainer/π_sampler at tokens the sampler
+    drew, k3 = r − log r − 1), and the share of tokens whose r leaves [0.5, 2]."""
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
+    log_r = torch.where(real, trainer_logprobs.detach().float() - sampler_logprobs.float(), 0.0)
+    return {"sampler/abs_diff_mean": log_r.abs().sum() / n, "sampler/abs_diff_max": log_r.abs().max(),
+            "sampler/kl_k3": (log_r.exp() - log_r - 1).sum() / n,
+            "sampler/ratio_outside_0.5_2": ((log_r.abs() > math.log(2)) & real).sum() / n}
 
 
-def correct_reward(completion: str, answer: str) -> float:
-    """1 when the last number in the completion equals a numeric answer (else: the answer appears)."""
-    try:
-        answer_number = float(answer)
-    except ValueError:
-        return float(answer.strip().lower() in completion.lower())
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
-    return float(bool(numbers) and float(numbers[-1]) == answer_number)
+def sampler_correction(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "token_truncate", cap: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights that turn the sampler's tokens into the trainer's (no gradient) -> (w [B, T],
+    the share of real tokens whose weight was truncated or masked). With r_t = π_trainer/π_sampler:
+      token_truncate:    w_t = min(r_t, C)                    (TIS, Yao et al. 2025)
+      token_mask:        w_t = r_t if 1/C ≤ r_t ≤ C, else 0   (IcePop-style: such a token is left out)
+      sequence_truncate: w_t = min(Π_s r_s, C) for every token of the completion
+      sequence_mask:     w_t = Π_s r_s if 1/C ≤ Π_s r_s ≤ C, else 0 (the whole completion left out)
+      none:              w_t = 1
+    The weight multiplies each token's policy loss; the clip of π_θ/π_old stays a separate factor."""
+    real = mask.bool()
+    log_r = torch.where(real, trainer_logprobs.detach().float() - sampler_logprobs.float(), 0.0)
+    if mode == "none":
+        return torch.ones_like(log_r), torch.zeros(())
+    if mode.startswith("sequence"):
+        log_r = log_r.sum(1, keepdim=True).expand_as(log_r)  # log Π_s r_s, at every token of the row
+    r = log_r.exp()
+    if mode.endswith("truncate"):
+        cut = r > cap
+        w = r.clamp(max=cap)
+    elif mode.endswith("mask"):
+        cut = log_r.abs() > math.log(cap)
+        w = torch.where(cut, 0.0, r)
+    else:
+        raise ValueError(f"unknown importance-sampling correction {mode!r}")
+    return torch.where(real, w, 0.0), (cut & real).sum() / real.sum().clamp(min=1)
 
 
-def format_reward(completion: str) -> float:
-    """1 when the completion is just a number, as the arithmetic prompts ask."""
-    return float(re.fullmatch(r"\s*-?\d+(?:\.\d+)?\.?\s*", completion) is not None)
-
-
-def letter_reward(completion: str) -> float:
-    return completion.count(LETTER) / max(len(completion), 1)
-
-
-def rule_rewards(task: str, data: str | None, rows: list[dict], format_weight: float = 0.0) -> dict:
-    """The rule rewards for these prompts, {name: (fn(completion, answer) -> float, weight)}; empty
-    when the prompts have no answers to check (a JSONL file scored by a reward model)."""
-    if task == "letter" and data is None:
-        return {"letter": (lambda c, a: letter_reward(c), 1.0)}
-    if any(r["answer"] is None for r in rows):
-        return {}
-    return {"correct": (correct_reward, 1.0), **({"format": (lambda c, a: format_reward(c), format_weight)}
-                                                  if format_weight else {})}
-
-
-def reward_model_inputs(tokenizer, prompts: list[str], completions: list[str], max_length: int) -> dict:
-    """(prompt, completion) pairs as the reward model reads them: formatted prompt, completion, EOS;
-    right-truncated to max_length."""
-    texts = [format_prompt(tokenizer, p) + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                     add_special_tokens=False)
-
-
-def reward_model_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score at the last real token of each row, whatever the padding side -> [B] fp32.
-    (HF's own pooling finds that token by comparing with the pad id, which fails when pad == eos.)"""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # index of the last 1 in each row
-    return model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
-
-
-def call_reward_function(name: str, fn, rows: list[dict], completions: list[str]) -> torch.Tensor:
-    """fn's rewards [N], NaN where it returned None ("does not apply"); anything but one number (or None)
-    per completion, or a value that is not finite, stops the run."""
-    values = fn(prompts=[r["prompt"] for r in rows], completions=completions, answer=[r["answer"] for r in rows])
-    try:
-        values = [None if v is None else float(v) for v in values]
-    except (TypeError, ValueError):
-        raise SystemExit(f"reward function {name} returned {str(values)[:200]}: return a list of one float "
-                         "(or None) per completion") from None
-    if len(values) != len(completions):
-        raise SystemExit(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
-    if not all(v is None or math.isfinite(v) for v in values):
-        raise SystemExit(f"reward function {name} returned a value that is not finite: {values}")
-    return torch.tensor([math.nan if v is None else v for v in values])
-
-
-def compute_rewards(rows: list[dict], completions: list[str], rules: dict, rule_weight: float = 1.0,
-                    scorer=None, scorer_weight: float = 1.0,
-                    functions: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """Weighted sum of the rule rewards, the reward-model score (scorer(prompts, completions) -> [N], such
-    as plumbing's RewardScorer) and the user's reward functions ({name: (fn, weight)}; None counts 0)
-    -> ([N], {name: [N]})."""
-    parts = {name: (torch.tensor([fn(c, r["answer"]) for r, c in zip(rows, completions)]), rule_weight * weight)
-             for name, (fn, weight) in rules.items()} if rule_weight != 0 else {}
-    if scorer is not None:
-        parts["reward_model"] = (scorer([r["prompt"] for r in rows], completions), scorer_weight)
-    for name, (fn, weight) in (functions or {}).items():  # NaN where the function said None: counts 0
-        parts[name] = (call_reward_function(name, fn, rows, completions), weight)
-    total = sum(weight * (values.nan_to_num(0.0) if name in (functions or {}) else values)
-                for name, (values, weight) in parts.items())
-    return total.float(), {name: values for name, (values, _) in parts.items()}
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, rows: list[dict], reward_fn, max_new_tokens: int, dtype: str, batch_size: int = 32,
-             max_prompt_length: int | None = None, static: bool = False) -> dict:
-    """Greedy completions on held-out prompts, cut as the training prompts are -> {"reward": mean total,
-    name: mean of each part}; reward_fn(rows, completions) -> (total [N], {name: [N]}), as compute_rewards."""
-    texts = []
-    for i in range(0, len(rows), batch_size):
-        with autocast(model.device, dtype):
-            texts += generate(model, tokenizer, [r["prompt"] for r in rows[i : i + batch_size]], max_new_tokens,
-                              greedy=True, max_prompt_length=max_prompt_length, static=static).texts
-    total, parts = reward_fn(rows, texts)
-    return {"reward": total.mean().item(), **{k: v.nanmean().item() for k, v in parts.items()}}
-
-
-def format_prompt(tokenizer, text: str) -> str:
-    """The chat template when the tokenizer has one, else a plain-text prompt."""
+def format_prompt(tokenizer, prompt) -> str:
+    """A prompt as the model reads it: a list of chat messages through the chat template, a
+    string as one user message through it; without a chat template, a string as a plain-text question."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": text}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {text}\nAnswer:"
+    if not isinstance(prompt, str):
+        raise ValueError("chat messages need a chat template, and this tokenizer has none: give prompts as strings")
+    return f"Question: {prompt}\nAnswer:"
 
 
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast on CUDA by default ("auto"), or anywhere with dtype="bf16"; weights stay fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, dtype))
-
-
-def uses_static(device: torch.device, generation: str) -> bool:
-    """What the --generation flag means: `decode_static` on CUDA by default ("auto"), or anywhere with "static"."""
-    return generation == "static" or (generation == "auto" and device.type == "cuda")
 
 
 def uses_bf16(device: torch.device, dtype: str) -> bool:

@@ -19,9 +19,7 @@ Several processes: `torchrun --nproc-per-node N grpo.py ...` (DDP; `--fsdp` shar
 The run's machinery (loading, processes, checkpoints, Ctrl-C, logging) is in plumbing/; the loop is `main`.
 """
 
-import contextlib
 import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +32,8 @@ import plumbing
 
 @dataclass
 class Args(plumbing.TrainArgs):
-    """GRPO's flags; the flags every script shares (--model, --data, --steps, --seed, ...) come from plumbing.RLArgs."""
+    """GRPO: G completions per prompt, group-normalised rewards as advantages, no value model. The flags every
+    RL script shares (--model, --data, --steps, --seed, ...) are declared once in plumbing.RLArgs and TrainArgs."""
 
     prompts_per_step: int = 4
     """distinct prompts per step (over all processes)"""
@@ -49,13 +48,17 @@ class Args(plumbing.TrainArgs):
     epsilon: float = 0.2
     """ε: lower clip of the ratio, 1-ε (0 < ε < 1)"""
     epsilon_high: float | None = None
-    """upper clip 1+ε_high (DAPO uses 0.28); default: ε"""
+    """upper clip 1+ε_high (DAPO uses 0.28; None: ε)"""
     num_iterations: int = 1
     """μ: optimizer steps on each batch of rollouts (1: the ratio is always 1, as in the paper)"""
-    minibatch_size: int = 8
-    """rows per forward/backward pass; gradients are accumulated over the batch, which bounds memory"""
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    """aggregation: per-sequence mean (paper; the token mean was within noise of it here: docs/benchmarks.md), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO)"""
+    micro_batch_size: int = 8
+    """completions (rows) per forward/backward pass; their gradients add up over the batch before each optimizer step (bounds memory, not the update)"""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "cispo"] = "grpo"
+    """aggregation: per-sequence mean (paper), sum / (rows × max_new_tokens) (Dr. GRPO), token mean (DAPO); cispo: MiniMax-M1's clipped, detached IS weight times A log π, token mean"""
+    is_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = "token_truncate"
+    """weight each token's loss by π_trainer/π_sampler (common.sampler_correction): truncated at --is-cap per token (TIS, the default: Yao et al. 2025; OLMo RL's setting) or per completion, or masked outside [1/cap, cap]. Sampler and trainer share the weights here, so the gap is rounding and kernels and truncation never drops a token; TRL's sequence_mask default is for vLLM's larger gaps"""
+    is_cap: float = 2.0
+    """C of --is-correction (Yao et al. 2025 use 2)"""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """the ratio per token (paper), or one per completion, the geometric mean of its token ratios (GSPO)"""
     dynamic_sampling: bool = False
@@ -116,17 +119,20 @@ def kl_penalty(logprobs, ref_logprobs, old_logprobs, estimator: str = "k3") -> t
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, *, kl=None, beta: float, epsilon: float, epsilon_high: float,
               loss_type: str, max_new_tokens: int, importance_sampling_level: str = "token",
-              num_rows: int | None = None, num_tokens=None):
+              num_rows: int | None = None, num_tokens=None, is_weights=None):
     """The negated GRPO objective over a batch -> (loss, stats).
 
     logprobs, old_logprobs, mask: [B, T]; advantages: [B]; kl: the per-token KL estimate [B, T]
-    (kl_penalty), or None for no KL term. Per token:
-      l_it = -min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) + β KL_it,   ρ_it = π_θ/π_old (token level),
+    (kl_penalty), or None for no KL term; is_weights: the sampler correction w_it [B, T] (no gradient),
+    or None. Per token:
+      l_it = -w_it min(ρ_it A_i, clip(ρ_it, 1-ε, 1+ε_high) A_i) + β KL_it,   ρ_it = π_θ/π_old (token level),
     or at sequence level (GSPO, arXiv 2507.18071) one ratio per completion, ρ_i = exp(mean_t log ρ_it),
-    clipped as a whole. Then
+    clipped as a whole; or (cispo, MiniMax-M1 arXiv 2506.13585) the clipped ratio as a detached weight,
+      l_it = -w_it sg(min(ρ_it, 1+ε_high)) A_i log π_θ(o_it) + β KL_it,
+    so that no token's gradient is switched off. Then
       grpo:    (1/N) Σ_i (1/|o_i|) Σ_t l_it
       dr_grpo: 1/(N·T_max) Σ_i Σ_t l_it
-      dapo:    (1/Σ_i |o_i|) Σ_i Σ_t l_it
+      dapo, cispo: (1/Σ_i |o_i|) Σ_i Σ_t l_it
     N and Σ|o_i| default to this batch's; pass the whole batch's (num_rows, num_tokens) when it is
     split into minibatches, so that the minibatch losses add up to the whole batch's loss."""
     real = mask.bool()
@@ -138,7 +144,12 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, kl=None, beta: float,
         log_ratio = (log_ratio.sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
     ratio = torch.exp(log_ratio)  # ρ
     A = advantages[:, None]
-    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + epsilon_high).detach() * A * logprobs
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A)
+    if is_weights is not None:
+        per_token = is_weights * per_token
     stats = {}
     if kl is not None:
         per_token = per_token + beta * kl
@@ -148,13 +159,14 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, kl=None, beta: float,
         loss = (per_token.sum(1) / real.sum(1).clamp(min=1)).sum() / num_rows
     elif loss_type == "dr_grpo":
         loss = per_token.sum() / (num_rows * max_new_tokens)
-    elif loss_type == "dapo":
+    elif loss_type in ("dapo", "cispo"):
         loss = per_token.sum() / num_tokens
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    with torch.no_grad():  # where the clip is active the token's gradient is zero
-        stats["clip_low"] = ((ratio < 1 - epsilon) & (A < 0) & real).sum() / n_real
-        stats["clip_high"] = ((ratio > 1 + epsilon_high) & (A > 0) & real).sum() / n_real
+    with torch.no_grad():  # where the clip is active the token's gradient is zero (cispo: only its weight is capped)
+        cispo = loss_type == "cispo"  # one cap, whatever the advantage's sign
+        stats["clip_low"] = ((ratio < 1 - epsilon) & (A < 0) & real & (not cispo)).sum() / n_real
+        stats["clip_high"] = ((ratio > 1 + epsilon_high) & ((A > 0) | cispo) & real).sum() / n_real
         stats["ratio"] = torch.where(real, ratio, 0.0).sum() / n_real
     return loss, stats
 
@@ -167,53 +179,50 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, *, kl=None, beta: float,
 class Groups:
     """A step's rollouts: groups of G completions of one prompt each, each group's rows contiguous."""
 
-    rows: list[dict]  # [B] the prompt row of each completion ({"prompt", "answer"})
+    rows: list[dict]  # [B] the prompt row of each completion ({"prompt", "answer", ...})
     rollout: common.Rollout  # [B] the completions and their masks
     rewards: torch.Tensor  # [B] total reward
-    parts: dict  # {name: [B]} each reward term, before weighting
-    drawn: int  # groups sampled for it (more than it holds under --dynamic-sampling)
+    reward_terms: dict  # {name: [B]} each reward term, before weighting
+    groups_drawn: int  # groups sampled for it (more than it holds under --dynamic-sampling)
     sampled_tokens: int  # completion tokens sampled for it, those of groups set aside included
 
 
-def sample_groups(model, tokenizer, prompts: list[dict], reward_fn, rng: torch.Generator, n_groups: int,
-                  args: Args) -> Groups:
+def sample_groups(model, tokenizer, run, n_groups: int, args: Args) -> Groups:
     """Draw n_groups prompts, sample G completions for each and reward them. With --dynamic-sampling
     (DAPO §3.2), a group whose rewards are all equal (A = 0: no gradient) is set aside and fresh groups
     are drawn, for up to --dynamic-sampling-rounds rounds; informative groups fill the batch first.
     Under torchrun every process runs the same rounds (under FSDP, generation gathers shards: collective)."""
-    G, drawn = args.group_size, []  # drawn: (informative, one group), in the order drawn
+    G, prompts, candidates = args.group_size, run.train_rows, []  # candidates: (informative, one group), in the order drawn
     for _ in range(args.dynamic_sampling_rounds if args.dynamic_sampling else 1):
-        picks = torch.randint(len(prompts), (n_groups,), generator=rng).tolist()
+        picks = torch.randint(len(prompts), (n_groups,), generator=run.rng).tolist()
         with common.autocast(model.device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
-            rollout = common.generate(model, tokenizer, [prompts[i]["prompt"] for i in picks], args.max_new_tokens,
-                                      group_size=G, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                      min_p=args.min_p, max_prompt_length=args.max_prompt_length,
-                                      static=common.uses_static(model.device, args.generation))
+            rollout = common.generate(model, tokenizer, [prompts[i]["prompt"] for i in picks], group_size=G, **run.sampling)
         rows = [prompts[i] for i in picks for _ in range(G)]
-        rewards, parts = reward_fn(rows, rollout.texts)
+        rewards, terms = run.reward_fn(rows, rollout.texts)
         if args.overlong_buffer:
             lengths = rollout.completion_mask.sum(1).cpu()
-            parts["overlong"] = overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer)
-            rewards = rewards + parts["overlong"]
+            terms["overlong"] = overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer)
+            rewards = rewards + terms["overlong"]
         for g in range(n_groups):
             r = slice(g * G, (g + 1) * G)
-            drawn.append((bool(rewards[r].std() > 0), Groups(rows[r], common.rollout_slice(rollout, r), rewards[r],
-                                                             {k: v[r] for k, v in parts.items()}, 1,
-                                                             int(rollout.completion_mask[r].sum()))))
-        full = sum(informative for informative, _ in drawn) >= n_groups
+            group = Groups(rows[r], common.rollout_slice(rollout, r), rewards[r], {k: v[r] for k, v in terms.items()}, 1,
+                           int(rollout.completion_mask[r].sum()))
+            candidates.append((bool(rewards[r].std() > 0), group))
+        full = sum(informative for informative, _ in candidates) >= n_groups
         if plumbing.all_agree(full, model.device):  # every process's batch is full
             break
-    kept = [g for _, g in sorted(drawn, key=lambda d: not d[0])[:n_groups]]  # informative first, in the order drawn
+    kept = [g for _, g in sorted(candidates, key=lambda c: not c[0])[:n_groups]]  # informative first, in the order drawn
     return Groups([row for g in kept for row in g.rows],
                   common.concat_rollouts([g.rollout for g in kept], tokenizer.pad_token_id),
-                  torch.cat([g.rewards for g in kept]), {k: torch.cat([g.parts[k] for g in kept]) for k in kept[0].parts},
-                  len(drawn), sum(g.sampled_tokens for _, g in drawn))
+                  torch.cat([g.rewards for g in kept]),
+                  {k: torch.cat([g.reward_terms[k] for g in kept]) for k in kept[0].reward_terms},
+                  len(candidates), sum(g.sampled_tokens for _, g in candidates))
 
 
 # Valid values of GRPO's numeric flags ("(": that end excluded; the shared ones: plumbing.RANGES).
 RANGES = {"prompts_per_step": "[1, inf)", "group_size": "[2, inf)", "lr": "(0, inf)", "beta": "[0, inf)",
-          "epsilon": "(0, 1)", "epsilon_high": "(0, inf)", "num_iterations": "[1, inf)", "minibatch_size": "[1, inf)",
-          "dynamic_sampling_rounds": "[1, inf)", "overlong_buffer": "[0, inf)"}
+          "epsilon": "(0, 1)", "epsilon_high": "(0, inf)", "num_iterations": "[1, inf)", "micro_batch_size": "[1, inf)",
+          "dynamic_sampling_rounds": "[1, inf)", "overlong_buffer": "[0, inf)", "is_cap": "(1, inf)"}
 
 
 def check_args(args: Args) -> None:
@@ -221,14 +230,10 @@ def check_args(args: Args) -> None:
     if args.group_size < 2:
         raise SystemExit(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt to compare")
     plumbing.check_ranges(args, RANGES)
-    world = plumbing.world_size()
-    if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
-                         "each process samples the same number of prompts")
-    batch = args.prompts_per_step // world * args.group_size  # rows on each process
-    if batch % args.minibatch_size:
-        raise SystemExit(f"--prompts-per-step × --group-size = {batch} (per process) is not divisible by "
-                         f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
+    rows = plumbing.per_process(args.prompts_per_step, "--prompts-per-step") * args.group_size  # on each process
+    if rows % args.micro_batch_size:
+        raise SystemExit(f"--prompts-per-step × --group-size = {rows} (per process) is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size}; pick a micro-batch size that divides it")
     if args.overlong_buffer > args.max_new_tokens:
         raise SystemExit(f"--overlong-buffer {args.overlong_buffer} is longer than --max-new-tokens {args.max_new_tokens}")
     mu_1 = "at --num-iterations 1 the ratio π_θ/π_old is 1 (nothing is clipped; its gradient is the same per token and per sequence)"
@@ -236,7 +241,8 @@ def check_args(args: Args) -> None:
         *[(name, args.num_iterations == 1, mu_1) for name in ("epsilon", "epsilon_high", "importance_sampling_level")],
         ("dynamic_sampling_rounds", not args.dynamic_sampling, "it bounds --dynamic-sampling, which is off"),
         ("kl_estimator", args.beta == 0, "--beta 0 has no KL term"),
-        ("beta", args.kl_estimator == "none", "--kl-estimator none has no KL term")])
+        ("beta", args.kl_estimator == "none", "--kl-estimator none has no KL term"),
+        ("is_cap", args.is_correction == "none", "--is-correction none applies no weight to cap")])
     if args.importance_sampling_level == "sequence" and args.loss_type != "grpo" and plumbing.rank() == 0:
         print(f"warning: GSPO's sequence ratio with --loss-type {args.loss_type} weights each completion by its length; "
               "GSPO's paper averages per sequence (--loss-type grpo)", file=sys.stderr)
@@ -251,93 +257,81 @@ def main(args: Args):
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer, scheduler = plumbing.adamw(params, args)
     run.restore(model, optimizer, scheduler)  # seeds (seed + rank), or the last checkpoint's states
-    G, n_groups = args.group_size, args.prompts_per_step // run.world  # each process samples its share
-    batch_size = n_groups * G
-    shared = G if args.minibatch_size % G == 0 else 1  # minibatches of whole groups run each prompt once (common.pack)
+    G, n_groups = args.group_size, plumbing.per_process(args.prompts_per_step, "--prompts-per-step")
+    batch_size = n_groups * G  # completions on this process
+    group_rows = G if args.micro_batch_size % G == 0 else 1  # micro-batches of whole groups run each prompt once (common.pack)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 
     with run:  # the logs, Ctrl-C, the last line and the process group, whatever happens
         run.evaluate(0, model, tokenizer)
         for step in run.steps():
             # --- 1. rollouts: G completions for each of the prompts, and their rewards ---
-            t0 = time.time()
-            batch = sample_groups(model, tokenizer, run.train_rows, run.reward_fn, run.rng, n_groups, args)
-            rollout, rewards = batch.rollout, batch.rewards
-            mask = rollout.completion_mask  # [B, T]
+            groups = sample_groups(model, tokenizer, run, n_groups, args)
+            rollout, rewards, mask = groups.rollout, groups.rewards, groups.rollout.completion_mask  # mask: [B, T]
             # the loss's mask: without the completions that never ended, with --mask-truncated-completions
             loss_mask = mask * ~rollout.truncated[:, None] if args.mask_truncated_completions else mask
-            gen_seconds = time.time() - t0
+            run.lap("generation")
 
-            # --- 2. group advantages ---
-            batch_std = None
-            if args.scale_rewards == "batch":  # the std of the whole batch, over all processes
-                rewards_d = rewards.to(device)  # collectives take the device's tensors (NCCL has no CPU ones)
-                n, mean = len(rewards) * run.world, plumbing.all_mean(rewards_d.mean())
-                batch_std = (plumbing.all_mean(((rewards_d - mean) ** 2).mean()) * n / (n - 1)).sqrt().cpu()
+            # --- 2. group advantages (--scale-rewards batch: divided by the std of the whole batch, all processes) ---
+            batch_std = plumbing.all_std(rewards.to(device)).cpu() if args.scale_rewards == "batch" else None
             advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=batch_std).to(device)  # [B]
 
             # --- 3. reference log-probs (for the KL) and old log-probs (only needed when μ > 1) ---
-            t1 = time.time()
             with torch.no_grad(), common.autocast(device, args.dtype):
                 with plumbing.adapters_off(ref_model):  # with LoRA: the same network, adapters off
-                    ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.minibatch_size,
-                                                               group_size=shared) if ref_model is not None else None)
-                old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.minibatch_size,
-                                                           group_size=shared) if args.num_iterations > 1 else None)
+                    ref_logprobs = (common.completion_logprobs(ref_model, rollout, args.temperature, args.micro_batch_size,
+                                                               group_size=group_rows) if ref_model is not None else None)
+                old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.micro_batch_size,
+                                                           group_size=group_rows) if args.num_iterations > 1 else None)
+            trainer_logprobs = old_logprobs if old_logprobs is not None else torch.zeros_like(mask, dtype=torch.float)
 
-            # --- 4. μ optimizer steps, each accumulating gradients over minibatches ---
+            # --- 4. μ optimizer steps, each adding up the gradients of the batch's micro-batches ---
             # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's (FSDP's)
             # average of the per-process gradients is then the whole batch's gradient.
             num_tokens = plumbing.all_mean(loss_mask.sum().float())
             stats = []
             for _ in range(args.num_iterations):
                 optimizer.zero_grad()
-                minibatches = torch.arange(batch_size).split(args.minibatch_size)
-                for k, rows_mb in enumerate(minibatches):
-                    mb = common.rollout_slice(rollout, rows_mb)
-                    # DDP all-reduces gradients in the last minibatch's backward only; FSDP reduce-scatters in each.
-                    accumulate = k < len(minibatches) - 1 and train_model is not model  # DDP
-                    with common.autocast(device, args.dtype), (train_model.no_sync() if accumulate
-                                                                  else contextlib.nullcontext()):
+                micro_batches = torch.arange(batch_size).split(args.micro_batch_size)
+                for k, rows in enumerate(micro_batches):
+                    mb = common.rollout_slice(rollout, rows)
+                    with common.autocast(device, args.dtype), plumbing.accumulating(train_model, last=k == len(micro_batches) - 1):
                         logprobs, entropy = common.completion_logprobs(train_model, mb, args.temperature, entropy=True,
-                                                                       group_size=shared)  # [b, T] each
+                                                                       group_size=group_rows)  # [b, T] each
                         # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
-                        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows_mb]
-                        kl = None if no_kl else kl_penalty(logprobs, ref_logprobs[rows_mb], old, args.kl_estimator)
-                        loss, s = grpo_loss(logprobs, old, advantages[rows_mb], loss_mask[rows_mb], kl=kl,
-                                            beta=args.beta, epsilon=args.epsilon, epsilon_high=epsilon_high,
-                                            loss_type=args.loss_type, max_new_tokens=args.max_new_tokens,
-                                            importance_sampling_level=args.importance_sampling_level,
-                                            num_rows=batch_size, num_tokens=num_tokens)
+                        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+                        trainer_logprobs[rows] = old  # π_old as the trainer scores it: the sampler is corrected towards it
+                        is_weights, is_cut = common.sampler_correction(old, mb.sampler_logprobs, mb.completion_mask,
+                                                                       args.is_correction, args.is_cap)
+                        kl = None if no_kl else kl_penalty(logprobs, ref_logprobs[rows], old, args.kl_estimator)
+                        loss, s = grpo_loss(logprobs, old, advantages[rows], loss_mask[rows], kl=kl, beta=args.beta,
+                                            epsilon=args.epsilon, epsilon_high=epsilon_high, loss_type=args.loss_type,
+                                            max_new_tokens=args.max_new_tokens, num_rows=batch_size, num_tokens=num_tokens,
+                                            importance_sampling_level=args.importance_sampling_level, is_weights=is_weights)
                         loss.backward()
-                    stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
+                    stats.append({**s, "loss": loss.detach(), "is_cut": is_cut,
+                                  "entropy": common.masked_mean(entropy, mb.completion_mask)})
                 grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
                 plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
             lr = scheduler.get_last_lr()[0]  # this step's
             scheduler.step()
-            update_seconds = time.time() - t1
+            run.lap("update")
 
             # --- 5. evaluation and logging (each figure is this process's, then averaged over processes) ---
-            lengths = mask.sum(1).float()
             metrics = {
                 "reward/mean": rewards.mean(), "reward/std": rewards.std(),
                 "reward/zero_std_groups": (rewards.view(-1, G).std(1) < 1e-6).float().mean(),
-                **{f"reward/{k}": v.mean() for k, v in batch.parts.items()},
+                **{f"reward/{k}": v.nanmean() for k, v in groups.reward_terms.items()},
                 "advantage/mean": advantages.mean(), "advantage/std": advantages.std(),
-                "advantage/abs_max": advantages.abs().max(),
-                "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
-                "completion/length_max": lengths.max(), "completion/truncated": rollout.truncated.float().mean(),
-                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(), "sampling/groups_drawn": batch.drawn,
+                "advantage/abs_max": advantages.abs().max(), "sampling/groups_drawn": groups.groups_drawn,
                 **{f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
                 "train/grad_norm": grad_norm, "train/lr": lr,
-                "time/generation_s": gen_seconds, "time/update_s": update_seconds,
-                "time/tokens_per_s": batch.sampled_tokens / gen_seconds,  # every token sampled, kept or not
-                "time/update_tokens_per_s": lengths.sum() * args.num_iterations / update_seconds,
+                **common.sampler_mismatch(trainer_logprobs, rollout.sampler_logprobs, mask),
             }
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, [r["prompt"] for r in batch.rows], rollout.texts, rewards,
-                    show={"reward": "reward/mean", "kl": "train/kl"}, replicas=(model,))
+            run.log(step, metrics, groups.rows, rollout, rewards, show={"reward": "reward/mean", "kl": "train/kl"},
+                    replicas=(model,), sampled_tokens=groups.sampled_tokens)
 
             # --- 6. checkpoint: every --save-interval steps, at the end, and after a Ctrl-C ---
             run.checkpoint(step, model, tokenizer, optimizer, scheduler)

@@ -21,8 +21,8 @@ Several processes: `torchrun --nproc-per-node N ppo.py ...` (DDP; `--fsdp` shard
 The run's machinery (loading, processes, checkpoints, Ctrl-C, logging) is in plumbing/; the loop is `main`.
 """
 
-import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -33,7 +33,8 @@ import plumbing
 
 @dataclass
 class Args(plumbing.TrainArgs):
-    """PPO's flags; the flags every script shares (--model, --data, --steps, --seed, ...) come from plumbing.RLArgs."""
+    """PPO for RLHF: one completion per prompt, a value head and GAE, a KL-penalised per-token reward. The flags every
+    RL script shares (--model, --data, --steps, --seed, ...) are declared once in plumbing.RLArgs and TrainArgs."""
 
     prompts_per_step: int = 16
     """rollouts per step, one completion per prompt (over all processes)"""
@@ -53,8 +54,8 @@ class Args(plumbing.TrainArgs):
     """λ: GAE parameter"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
-    num_minibatches: int = 4
-    """optimizer steps per epoch; the batch is shuffled and split into this many minibatches"""
+    minibatch_size: int = 4
+    """completions (rows) per optimizer step: each epoch shuffles the batch and takes one step per minibatch"""
     cliprange: float = 0.2
     """ε: policy ratio clip"""
     cliprange_value: float = 0.2
@@ -67,6 +68,10 @@ class Args(plumbing.TrainArgs):
     """scale per-token rewards to unit variance (mean kept) before GAE"""
     whiten_advantages: bool = True
     """whiten advantages over the batch (masked)"""
+    is_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = "token_truncate"
+    """weight each token's policy loss by π_trainer/π_sampler (common.sampler_correction): truncated at --is-cap per token (TIS, the default: Yao et al. 2025) or per completion, or masked outside [1/cap, cap]; see grpo.py --help"""
+    is_cap: float = 2.0
+    """C of --is-correction (Yao et al. 2025 use 2)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,14 +118,16 @@ def gae(rewards, values, mask, *, gamma: float, lam: float):
     return advantages * mask, (advantages + values) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, *, cliprange: float):
-    """L = mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = π_θ/π_old -> (loss, stats)."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, cliprange: float, is_weights=None):
+    """L = mean_t w_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)), ρ_t = π_θ/π_old -> (loss, stats); w_t: the
+    sampler correction [B, T] (no gradient; common.sampler_correction), 1 when None."""
     real = mask.bool()
     n = real.sum().clamp(min=1)
     ratio = torch.exp(logprobs - old_logprobs)
     losses = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = torch.where(real, torch.max(losses, clipped), 0.0).sum() / n
+    per_token = torch.max(losses, clipped) * (1.0 if is_weights is None else is_weights)
+    loss = torch.where(real, per_token, 0.0).sum() / n
     with torch.no_grad():
         stats = {
             "ratio": torch.where(real, ratio, 0.0).sum() / n,
@@ -160,10 +167,15 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop.
+
+
+def make_value_head(model) -> torch.nn.Linear:
+    """V(s_t): a linear layer on the policy's last hidden state, zero at the start (no noise in the first advantages)."""
+    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1, device=model.device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    return value_head
 
 
 def forward(model, value_head, rollout, temperature: float):
@@ -179,24 +191,22 @@ def forward(model, value_head, rollout, temperature: float):
 # Valid values of PPO's numeric flags ("(": that end excluded; the shared ones: plumbing.RANGES).
 RANGES = {"prompts_per_step": "[1, inf)", "lr": "(0, inf)", "beta": "[0, inf)", "kl_target": "(0, inf)",
           "kl_horizon": "[1, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "ppo_epochs": "[1, inf)",
-          "num_minibatches": "[1, inf)", "cliprange": "(0, 1)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
+          "minibatch_size": "[1, inf)", "is_cap": "(1, inf)", "cliprange": "(0, 1)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
           "missing_eos_penalty": "[-inf, inf]"}
 
 
 def check_args(args: Args) -> None:
     """PPO's own errors, found before a model is loaded or a file written."""
     plumbing.check_ranges(args, RANGES)
-    world = plumbing.world_size()
-    if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
-                         "each process samples the same number of prompts")
-    if (args.prompts_per_step // world) % args.num_minibatches:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} (per process: {args.prompts_per_step // world}) "
-                         f"is not divisible by --num-minibatches {args.num_minibatches}; pick numbers where it is")
+    rows = plumbing.per_process(args.prompts_per_step, "--prompts-per-step")
+    if rows % args.minibatch_size:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} (per process: {rows}) is not divisible by "
+                         f"--minibatch-size {args.minibatch_size}; pick a minibatch size that divides it")
     plumbing.refuse_idle_flags(args, [
         *[(name, not args.adaptive_kl, "it is a setting of --adaptive-kl, which is off") for name in ("kl_target", "kl_horizon")],
         ("adaptive_kl", args.beta == 0, "the controller multiplies β, and --beta 0 stays 0"),
-        ("cliprange_value", args.vf_coef == 0, "--vf-coef 0 leaves the value loss out")])
+        ("cliprange_value", args.vf_coef == 0, "--vf-coef 0 leaves the value loss out"),
+        ("is_cap", args.is_correction == "none", "--is-correction none applies no weight to cap")])
 
 
 def main(args: Args):
@@ -204,40 +214,32 @@ def main(args: Args):
     run = plumbing.Run("ppo", args, check_args)  # --resume, prompts, rewards, run folder, device, processes
     args, device = run.args, run.device
     model, ref_model, train_model, tokenizer = plumbing.load_policy(args, run)
-    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
-    torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
-    torch.nn.init.zeros_(value_head.bias)
+    value_head = make_value_head(model)
     train_value_head = plumbing.distribute(run.resumed(value_head, "value_head"), args.fsdp)  # DDP, or FSDP in fp32
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
     optimizer, scheduler = plumbing.adamw(params, args)
     saved = run.restore(model, optimizer, scheduler, modules={"value_head": value_head})
     # Each process samples and whitens its own share of the prompts; β, adapted to the averaged KL, is the same everywhere.
-    B, beta = args.prompts_per_step // run.world, saved.get("beta", args.beta)
+    B, beta = plumbing.per_process(args.prompts_per_step, "--prompts-per-step"), saved.get("beta", args.beta)
 
     with run:  # the logs, Ctrl-C, the last line and the process group, whatever happens
         run.evaluate(0, model, tokenizer)
         for step in run.steps():
             # --- 1. rollouts: one completion per prompt ---
-            t0 = time.time()
             rows = [run.train_rows[i] for i in torch.randint(len(run.train_rows), (B,), generator=run.rng).tolist()]
             with common.autocast(device, args.dtype), plumbing.gathered(model):  # FSDP: gathered once
-                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], args.max_new_tokens,
-                                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                          min_p=args.min_p, max_prompt_length=args.max_prompt_length,
-                                          static=common.uses_static(device, args.generation))
+                rollout = common.generate(model, tokenizer, [r["prompt"] for r in rows], **run.sampling)
             mask = rollout.completion_mask  # [B, T]
-            gen_seconds = time.time() - t0
+            run.lap("generation")
 
             # --- 2. scores; the missing-EOS penalty replaces the score of truncated completions ---
-            scores, parts = run.reward_fn(rows, rollout.texts)
+            scores, reward_terms = run.reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:
                 scores = torch.where(rollout.truncated.cpu(), args.missing_eos_penalty, scores)
             scores = scores.to(device)
 
             # --- 3. old log-probs and values, reference log-probs: no graph, in the first epoch's minibatches ---
-            t1 = time.time()
-            minibatches = [torch.randperm(B, generator=run.rng).split(B // args.num_minibatches)
-                           for _ in range(args.ppo_epochs)]
+            minibatches = [torch.randperm(B, generator=run.rng).split(args.minibatch_size) for _ in range(args.ppo_epochs)]
             old_logprobs, old_values, ref_logprobs = (torch.zeros(mask.shape, device=device) for _ in range(3))
             with torch.no_grad(), common.autocast(device, args.dtype):
                 for rows_mb in minibatches[0]:
@@ -245,6 +247,8 @@ def main(args: Args):
                     old_logprobs[rows_mb], _, old_values[rows_mb] = forward(model, value_head, mb, args.temperature)
                     with plumbing.adapters_off(ref_model):  # with LoRA: the same network, adapters off
                         ref_logprobs[rows_mb] = common.completion_logprobs(ref_model, mb, args.temperature)
+            is_weights, is_cut = common.sampler_correction(old_logprobs, rollout.sampler_logprobs, mask,  # sampler -> π_old
+                                                           args.is_correction, args.is_cap)
 
             # --- 4. per-token rewards, GAE, whitening ---
             rewards, kl = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, beta=beta)
@@ -261,8 +265,8 @@ def main(args: Args):
                     mb = common.rollout_slice(rollout, rows_mb)
                     with common.autocast(device, args.dtype):
                         logprobs, entropy, values = forward(train_model, train_value_head, mb, args.temperature)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[rows_mb], advantages[rows_mb],
-                                                    mb.completion_mask, cliprange=args.cliprange)
+                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[rows_mb], advantages[rows_mb], mb.completion_mask,
+                                                    cliprange=args.cliprange, is_weights=is_weights[rows_mb])
                     vf_loss, vf_stats = value_loss(values, old_values[rows_mb], returns[rows_mb], mb.completion_mask,
                                                    cliprange_value=args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss
@@ -274,37 +278,31 @@ def main(args: Args):
                     stats.append({"policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach(), "train/grad_norm": grad_norm,
                                   "value/clipfrac": vf_stats["clipfrac"], **{f"policy/{k}": v for k, v in pg_stats.items()},
                                   "policy/entropy": common.masked_mean(entropy.detach(), mb.completion_mask)})
-            lr = scheduler.get_last_lr()[0]  # this step's
-            scheduler.step()
-            update_seconds = time.time() - t1
+            run.lap("update")
 
             # --- 6. statistics (each figure is this process's, then averaged over processes) ---
             sequence_kl, non_score = plumbing.all_mean(kl.sum(1).mean()).item(), -beta * kl.sum(1)  # non-score reward [B]
-            lengths = mask.sum(1).float()
             log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0)
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl": sequence_kl, "objective/kl_coef": beta,
                 "objective/kl_k3_per_token": ((log_ratio.exp() - log_ratio - 1) * mask).sum() / mask.sum(),
                 "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
-                **{f"reward/{k}": v.mean() for k, v in parts.items()},
-                **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
+                **{f"reward/{k}": v.nanmean() for k, v in reward_terms.items()},
+                **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}, "train/lr": scheduler.get_last_lr()[0],
                 "value/explained_variance": explained_variance(old_values, returns, mask),
-                "completion/length_mean": lengths.mean(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
-                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
-                "train/lr": lr, "time/generation_s": gen_seconds, "time/update_s": update_seconds,
-                "time/tokens_per_s": lengths.sum() / gen_seconds,
-                "time/update_tokens_per_s": lengths.sum() * args.ppo_epochs / update_seconds,
+                **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
             }
 
-            # --- 7. adaptive KL coefficient, from this batch's mean sequence KL over all processes ---
+            # --- 7. the next step's learning rate; adaptive KL coefficient, from the mean sequence KL over all processes ---
+            scheduler.step()
             if args.adaptive_kl:
                 beta = adaptive_kl_coef(beta, sequence_kl, target=args.kl_target, horizon=args.kl_horizon,
                                         n_steps=args.prompts_per_step)
 
             # --- 8. evaluation, logging; checkpoint (policy, value head, β) when due, at the end, after a Ctrl-C ---
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, [r["prompt"] for r in rows], rollout.texts, scores,
-                    show={"score": "objective/scores", "kl": "objective/kl_k3_per_token"}, replicas=(model, value_head))
+            run.log(step, metrics, rows, rollout, scores, show={"score": "objective/scores", "kl": "objective/kl_k3_per_token"},
+                    replicas=(model, value_head))
             run.checkpoint(step, model, tokenizer, optimizer, scheduler, modules={"value_head": value_head},
                            state={"beta": beta})
     return run.folder

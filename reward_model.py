@@ -30,18 +30,21 @@ from tqdm import tqdm
 
 import common
 import plumbing
+import tasks
 
 
 @dataclass
 class Args:
+    """A Bradley-Terry reward model: the base model with a scalar head, trained on preference pairs."""
+
     model: str = plumbing.EMBEDDED_MODEL
     """base model: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     data: str | None = None
-    """JSONL file of {"prompt", "chosen", "rejected"} lines; default: built-in pairs from the arithmetic task"""
+    """JSONL file of {"prompt", "chosen", "rejected"} lines (None: built-in pairs from the arithmetic task)"""
     num_pairs: int = 1024
     """size of the built-in preference set (not with --data)"""
     steps: int | None = None
-    """optimizer steps, one batch of pairs each (default: one pass over the training pairs)"""
+    """optimizer steps, one batch of pairs each (None: one pass over the training pairs)"""
     batch_size: int = 16
     """pairs per optimizer step"""
     lr: float = 2e-5
@@ -63,7 +66,7 @@ class Args:
     output_dir: str = "runs"
     """TensorBoard events and the model go to output_dir/run_name (the model in checkpoint/)"""
     run_name: str | None = None
-    """default: rm_<data>_<seed>_<time>"""
+    """the run folder's name (None: rm_<data>_<seed>_<time>)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     """Offline pairs from the arithmetic task: chosen is the bare correct number; rejected is a wrong
     number, a wrong number in a sentence, or the right number buried in a sentence."""
     rng = random.Random(seed)
-    train, _ = common.task_prompts("arithmetic", seed)  # never the RL scripts' held-out prompts
+    train, _ = tasks.task_prompts("arithmetic", seed)  # never the RL scripts' held-out prompts
     pairs = []
     for row in train[:n]:
         answer = int(row["answer"])
@@ -118,9 +121,9 @@ def read_pairs(path: str) -> list[dict]:
 def score_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [N], r_rejected [N]) for a batch of pairs, in one forward pass."""
     prompts = [p["prompt"] for p in pairs]
-    enc = common.reward_model_inputs(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+    enc = tasks.reward_model_inputs(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                                      max_length).to(model.device)
-    scores = common.reward_model_scores(model, enc["input_ids"], enc["attention_mask"])
+    scores = tasks.reward_model_scores(model, enc["input_ids"], enc["attention_mask"])
     return scores[: len(pairs)], scores[len(pairs) :]
 
 

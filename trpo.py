@@ -18,7 +18,8 @@ trained separately (a linear head on the policy's detached last hidden state, it
 or from group z-scores (as in grpo.py) with --advantage group.
 
 Implemented: all parameters or the top N layers under the trust region, a Fisher subsample, CG
-damping. Left out: a separate value network, FSDP (see --fsdp). The Fisher pass runs attention as
+damping. Left out: a separate value network, FSDP (its Fisher-vector products differentiate with respect
+to the parameters twice; FSDP runs the forward on gathered copies of them). The Fisher pass runs attention as
 plain operations (fused attention kernels have no double backward), and the policy math runs in fp32.
 
 Walkthrough: docs/walkthrough.md §5 (TRPO and PPO: improve the surrogate, stay close to π_old), §3 (A value model as the baseline: returns and GAE).
@@ -42,10 +43,10 @@ import plumbing
 
 @dataclass
 class Args(plumbing.RLArgs):
-    """TRPO's flags; the flags every script shares (--model, --data, --steps, --seed, ...) come from plumbing.RLArgs."""
+    """TRPO: a natural-gradient step by conjugate gradient, scaled to a KL radius, and a line search. The flags every
+    RL script shares (--model, --data, --steps, --seed, ...) are declared once in plumbing.RLArgs."""
 
-    fsdp: bool = False
-    """not supported by TRPO: its Fisher-vector products need gradients FSDP cannot give. Under torchrun it runs DDP"""
+    fsdp: tyro.conf.Suppress[bool] = False  # not a flag of trpo.py: its Fisher-vector products need gradients FSDP cannot give
 
     prompts_per_step: int = 16
     """distinct prompts per step (over all processes)"""
@@ -81,6 +82,10 @@ class Args(plumbing.RLArgs):
     """Adam learning rate of the value head (gae only)"""
     value_iters: int = 20
     """value-head gradient steps per step, full batch (gae only)"""
+    is_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = "token_truncate"
+    """weight each token's surrogate term by π_trainer/π_sampler (common.sampler_correction): truncated at --is-cap per token (TIS, the default: Yao et al. 2025) or per completion, or masked outside [1/cap, cap]; see grpo.py --help"""
+    is_cap: float = 2.0
+    """C of --is-correction (Yao et al. 2025 use 2)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +263,14 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
             "line_search_s": time.time() - t1}
 
 
+def make_value_head(model) -> torch.nn.Linear:
+    """V(s_t): a linear layer on the policy's last hidden state, zero at the start (no noise in the first advantages)."""
+    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1, device=model.device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    return value_head
+
+
 def fit_value_head(value_head, optimizer, hidden, returns, mask, iters: int) -> float:
     """The critic, trained separately: `iters` full-batch steps of masked (V(h) − R)² on detached
     features h [B, T, H] -> the last loss. Gradients averaged over processes."""
@@ -282,24 +295,23 @@ def transformer_layers(model) -> torch.nn.ModuleList:
 RANGES = {"prompts_per_step": "[1, inf)", "group_size": "[1, inf)", "beta": "[0, inf)", "gamma": "[0, 1]",
           "lam": "[0, 1]", "missing_eos_penalty": "[-inf, inf]", "max_kl": "(0, inf)", "cg_iters": "[1, inf)",
           "cg_damping": "[0, inf)", "line_search_steps": "[1, inf)", "line_search_shrink": "(0, 1)",
-          "fisher_fraction": "(0, 1]", "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)"}
+          "fisher_fraction": "(0, 1]", "trust_region_layers": "[1, inf)", "value_lr": "(0, inf)", "value_iters": "[0, inf)",
+          "is_cap": "(1, inf)"}
 
 
 def check_args(args: Args) -> None:
     """TRPO's own errors, found before a model is loaded or a file written."""
     plumbing.check_ranges(args, RANGES)
-    world = plumbing.world_size()
-    if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes; "
-                         "each process samples the same number of prompts")
+    plumbing.per_process(args.prompts_per_step, "--prompts-per-step")
     if args.advantage == "group" and args.group_size < 2:
         raise SystemExit(f"--advantage group needs --group-size ≥ 2 (got {args.group_size})")
     plumbing.refuse_idle_flags(args, [(name, args.advantage == "group", "--advantage group has no value head and no "
                                        "per-token reward") for name in ("beta", "gamma", "lam", "whiten_advantages",
-                                                                        "value_lr", "value_iters")])
-    if args.fsdp:  # torch.autograd.grad(..., params) would find the sharded parameters outside the graph
-        raise SystemExit("--fsdp: not supported by trpo.py. Its Fisher-vector products differentiate with respect to the "
-                         "parameters, twice; FSDP runs the forward on gathered copies of them. Use DDP (torchrun without --fsdp)")
+                                                                        "value_lr", "value_iters")]
+                               + [("is_cap", args.is_correction == "none", "--is-correction none applies no weight to cap")])
+    if args.fsdp:  # not a flag of trpo.py (hidden from --help); refused when Args(fsdp=True) is built in code
+        raise SystemExit("--fsdp: not supported by trpo.py (its Fisher-vector products differentiate twice with respect "
+                         "to the parameters, which FSDP gathers into copies); run under torchrun without it (DDP)")
 
 
 def main(args: Args):
@@ -313,14 +325,12 @@ def main(args: Args):
         model.requires_grad_(False)
         transformer_layers(model)[-args.trust_region_layers :].requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
-    torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no noise in the first advantages
-    torch.nn.init.zeros_(value_head.bias)
+    value_head = make_value_head(model)
     value_optimizer = torch.optim.Adam(run.resumed(value_head, "value_head").parameters(), lr=args.value_lr)
     saved = run.restore(model)  # seeds (seed + rank), or the last checkpoint's random states
     if saved:
         value_optimizer.load_state_dict(saved["value_optimizer"])
-    G, n_prompts = args.group_size, args.prompts_per_step // run.world  # each process samples its share
+    G, n_prompts = args.group_size, plumbing.per_process(args.prompts_per_step, "--prompts-per-step")  # this process's
     if run.rank == 0:
         print(f"trust region over {sum(p.numel() for p in params) / 1e6:.2f} M parameters")
 
@@ -328,25 +338,22 @@ def main(args: Args):
         run.evaluate(0, model, tokenizer)
         for step in run.steps():
             # --- 1. rollouts: G completions for each prompt, and their scores ---
-            t0 = time.time()
             picks = torch.randint(len(run.train_rows), (n_prompts,), generator=run.rng).tolist()
             rows = [run.train_rows[i] for i in picks for _ in range(G)]
             with common.autocast(device, args.dtype):
-                rollout = common.generate(model, tokenizer, [run.train_rows[i]["prompt"] for i in picks],
-                                          args.max_new_tokens, group_size=G, temperature=args.temperature,
-                                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                          max_prompt_length=args.max_prompt_length,
-                                          static=common.uses_static(device, args.generation))
+                rollout = common.generate(model, tokenizer, [run.train_rows[i]["prompt"] for i in picks], group_size=G,
+                                          **run.sampling)
             mask = rollout.completion_mask  # [B, T]
-            scores, parts = run.reward_fn(rows, rollout.texts)
+            scores, reward_terms = run.reward_fn(rows, rollout.texts)
             if args.missing_eos_penalty is not None:
                 scores = torch.where(rollout.truncated.cpu(), args.missing_eos_penalty, scores)
             scores = scores.to(device)
-            gen_seconds = time.time() - t0
+            run.lap("generation")
 
             # --- 2. the old policy: log-probs, log-distributions (for the KL), hidden states; the reference ---
-            t1 = time.time()
             old_logprobs, old_log_dist, hidden, ref_logprobs = old_policy(model, ref_model, rollout, args.temperature)
+            is_weights, is_cut = common.sampler_correction(old_logprobs, rollout.sampler_logprobs, mask,  # sampler -> π_old
+                                                           args.is_correction, args.is_cap)
 
             # --- 3. advantages: GAE on the KL-penalised reward (whitened), or group z-scores (as in grpo.py) ---
             kl = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0) if use_ref else torch.zeros_like(old_logprobs)
@@ -361,33 +368,28 @@ def main(args: Args):
             else:
                 advantages = group_advantages(scores, G, mask)
 
-            # --- 4. the trust-region step on the policy; 5. the value head, trained separately ---
-            result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, args, run.rng)
+            # --- 4. the trust-region step on the policy (the surrogate's terms weighted w_t A_t); 5. the value head ---
+            result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, is_weights * advantages, args, run.rng)
             value_loss = fit_value_head(value_head, value_optimizer, hidden, returns, mask,
                                         args.value_iters) if args.advantage == "gae" else 0.0
-            update_seconds = time.time() - t1
+            run.lap("update")
 
             # --- 6. evaluation and logging (each figure is this process's, then averaged over processes) ---
-            lengths = mask.sum(1).float()
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
                 "objective/kl_k3_per_token": ((-kl).exp() + kl - 1).sum() / mask.sum(),  # k3 of log π_ref − log π
-                **{f"reward/{k}": v.mean() for k, v in parts.items()},
+                **{f"reward/{k}": v.nanmean() for k, v in reward_terms.items()},
                 "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
                 "trpo/expected_improvement": result["expected_improvement"],
                 "trpo/actual_improvement": result["surrogate"] - result["surrogate_before"],
                 "trpo/kl_after": result["kl"], "trpo/accepted": float(result["accepted"]),
                 "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
                 "trpo/cg_residual": result["cg_residual"], "trpo/grad_norm": result["grad_norm"],
-                "value/loss": value_loss, "completion/length_mean": lengths.mean(),
-                "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
-                "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
-                "time/generation_s": gen_seconds, "time/cg_s": result["cg_s"],
-                "time/line_search_s": result["line_search_s"], "time/update_s": update_seconds,
-                "time/tokens_per_s": lengths.sum() / gen_seconds, "time/update_tokens_per_s": lengths.sum() / update_seconds,
+                "value/loss": value_loss, "time/cg_s": result["cg_s"], "time/line_search_s": result["line_search_s"],
+                **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
             }
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, [r["prompt"] for r in rows], rollout.texts, scores, replicas=(model, value_head),
+            run.log(step, metrics, rows, rollout, scores, replicas=(model, value_head),
                     show={"score": "objective/scores", "kl": "objective/kl_k3_per_token", "tr_kl": "trpo/kl_after",
                           "tries": "trpo/line_search_tries"})
 

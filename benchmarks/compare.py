@@ -53,9 +53,9 @@ def method_args(method: str, budget: dict, seed: int, out: Path) -> list[str]:
                                         "--eval-interval", str(budget["eval_interval"]), "--save-interval", "100000",
                                         "--output-dir", str(out / "runs"), "--run-name", method]
     if method == "grpo":
-        return common + ["--prompts-per-step", str(n // 4), "--group-size", "4", "--minibatch-size", "8"]
+        return common + ["--prompts-per-step", str(n // 4), "--group-size", "4", "--micro-batch-size", "8"]
     if method == "ppo":
-        return common + ["--prompts-per-step", str(n), "--num-minibatches", "4"]
+        return common + ["--prompts-per-step", str(n), "--minibatch-size", str(n // 4)]
     return common + ["--prompts-per-step", str(n), "--trust-region-layers", "2", "--fisher-fraction", "0.5"]
 
 

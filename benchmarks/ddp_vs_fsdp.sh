@@ -10,8 +10,8 @@
 set -euo pipefail
 N=${1:-2}
 OUT=$(mktemp -d)
-GRPO="--steps 5 --prompts-per-step 4 --group-size 8 --minibatch-size 8"
-PPO="--steps 3 --prompts-per-step 16 --num-minibatches 4"
+GRPO="--steps 5 --prompts-per-step 4 --group-size 8 --micro-batch-size 8"
+PPO="--steps 3 --prompts-per-step 16 --minibatch-size 4"
 for pass in time memory; do
   for script in grpo ppo; do
     flags=$([ "$script" = grpo ] && echo "$GRPO" || echo "$PPO")

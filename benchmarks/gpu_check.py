@@ -192,7 +192,7 @@ def resume_check(out: Path, llama: str, rl: dict, steps: int) -> dict:
 
     import grpo
 
-    flags = {**rl, "model": llama, "prompts_per_step": 8, "group_size": 4, "minibatch_size": 16, "lr": 1e-5}
+    flags = {**rl, "model": llama, "prompts_per_step": 8, "group_size": 4, "micro_batch_size": 16, "lr": 1e-5}
     whole = run("grpo", out, "resume_whole", steps=2 * steps, **{**flags, "save_interval": steps})
     run("grpo", out, "resume_halves", steps=steps, **flags)
     grpo.main(grpo.Args(resume=str(out / "runs" / "resume_halves"), steps=2 * steps))
@@ -305,16 +305,16 @@ def main() -> None:
         report["scoring"] = scoring_passes(llama)
     if want("grpo"):
         r = run("grpo", out, "grpo_llama135m", model=llama, steps=steps(5), prompts_per_step=16, group_size=8,
-                minibatch_size=32, **rl)
+                micro_batch_size=32, **rl)
         if r["train/ratio"][0] != 1.0 or r["train/kl"][0] != 0.0:
             failures.append(f"GRPO step 1: ratio {r['train/ratio'][0]} (want 1), KL {r['train/kl'][0]} (want 0)")
         report["runs"].append(r)
     if want("gpt2"):
         report["runs"].append(run("grpo", out, "grpo_gpt2", model=gpt2, steps=steps(3), prompts_per_step=16,
-                                  group_size=8, minibatch_size=32, **rl))
+                                  group_size=8, micro_batch_size=32, **rl))
     if want("ppo"):
         report["runs"].append(run("ppo", out, "ppo_llama135m", model=llama, steps=steps(3), prompts_per_step=64,
-                                  num_minibatches=4, ppo_epochs=2, **rl))
+                                  minibatch_size=16, ppo_epochs=2, **rl))
     if want("trpo"):
         report["runs"].append(run("trpo", out, "trpo_llama135m", model=llama, steps=steps(2), prompts_per_step=32,
                                   trust_region_layers=2, **rl))
@@ -323,9 +323,9 @@ def main() -> None:
                                   batch_size=32, eval_interval=1000))
     if want("lora"):  # adapters, gradient checkpointing, the merged checkpoint
         report["runs"].append(run("grpo", out, "grpo_lora", model=llama, steps=steps(2), prompts_per_step=16, group_size=8,
-                                  minibatch_size=32, lora_rank=16, lora_merge=True, gradient_checkpointing=True, **rl))
+                                  micro_batch_size=32, lora_rank=16, lora_merge=True, gradient_checkpointing=True, **rl))
         report["runs"].append(run("ppo", out, "ppo_checkpointing", model=llama, steps=steps(2), prompts_per_step=32,
-                                  num_minibatches=2, ppo_epochs=1, gradient_checkpointing=True, **rl))
+                                  minibatch_size=16, ppo_epochs=1, gradient_checkpointing=True, **rl))
     for part, check in (("resume", lambda: resume_check(out, llama, rl, 1 if SMOKE else 2)),
                         ("fsdp", lambda: fsdp_check(llama)), ("cudnn", cudnn_check)):
         if want(part):

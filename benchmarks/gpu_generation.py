@@ -1,5 +1,5 @@
 """Generation alone on one CUDA GPU: the plain decode loop against the static one (fixed shapes, one CUDA
-graph per step: common.decode_static), on SmolLM2-135M's shape and GPT-2's, random weights, bf16 autocast.
+graph per step: static_decode.decode_static), on SmolLM2-135M's shape and GPT-2's, random weights, bf16 autocast.
 
     python benchmarks/gpu_generation.py [--out DIR] [--smoke]      (benchmarks/gpu.sh runs it)
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 import plumbing  # noqa: E402
+import static_decode  # noqa: E402
 from gpu_check import build_models, run  # noqa: E402
 
 BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e
@@ -54,7 +55,7 @@ def generation(folder: str, device, sizes) -> list[dict]:
         for path in ("loop", "static"):
             with common.autocast(device, "auto"):
                 generate = lambda: common.generate(model, tokenizer, prompts, new_tokens, greedy=True,  # noqa: E731
-                                                   static=path == "static")
+                                                   decode=static_decode.decode_static if path == "static" else None)
                 generate() if path == "static" else None  # warm-up (kernels, allocator)
                 rollout, seconds, peak = timed(generate, device)
             tokens[path] = rollout.completion_ids
@@ -86,7 +87,7 @@ def main() -> None:
     sizes = [(2, 8)] if cli.smoke else [(16, 128), (128, 128), (512, 128), (16, 1024), (128, 1024)]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "generation": [r for name in ("llama135m", "gpt2") for r in generation(folders[name], device, sizes)]}
-    steps = dict(task="letter", steps=1 if cli.smoke else 3, prompts_per_step=16, group_size=8, minibatch_size=32,
+    steps = dict(task="letter", steps=1 if cli.smoke else 3, prompts_per_step=16, group_size=8, micro_batch_size=32,
                  eval_prompts=0, max_new_tokens=4 if cli.smoke else 128, model=folders["llama135m"])
     report["grpo_step"] = [run("grpo", out, f"grpo_{path}", generation=path, **steps) for path in ("loop", "static")]
     (out / "gpu_generation.json").write_text(json.dumps(report, indent=1))

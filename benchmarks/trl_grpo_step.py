@@ -17,6 +17,7 @@ from trl import GRPOConfig, GRPOTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402  (the same model folder and prompts as grpo.py)
 import plumbing  # noqa: E402
+import tasks  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 checkpointing = sys.argv[2:] == ["--gradient-checkpointing"]  # TRL's own default is on; the target's settings, off
@@ -27,7 +28,7 @@ dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]
 
 
 def correct(completions, answer, **kwargs):
-    return [common.correct_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
+    return [tasks.correct_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
 
 
 class StepTimer(TrainerCallback):

@@ -15,7 +15,7 @@ echo "TRL $("$venv/bin/python" -c 'import trl; print(trl.__version__)'), $(nproc
 "$venv/bin/python" benchmarks/trl_grpo_step.py "$steps" "${@:2}" 2>/dev/null | tail -1 > benchmarks/out/trl.json
 rm -rf benchmarks/out/runs/vs_trl  # a re-run replaces the last one
 python benchmarks/bench.py grpo --prompts-per-step 4 --group-size 4 --max-new-tokens 32 --beta 0.04 \
-  --num-iterations 1 --minibatch-size 16 --steps "$steps" --eval-prompts 0 --save-interval 100000 \
+  --num-iterations 1 --micro-batch-size 16 --steps "$steps" --eval-prompts 0 --save-interval 100000 \
   --output-dir benchmarks/out/runs --run-name vs_trl "${@:2}" 2>/dev/null | tee benchmarks/out/ours.txt
 python - <<'PY'
 import json, re

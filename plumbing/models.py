@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 
 import common
+import tasks
 from plumbing.checkpoints import REWARD_NORM_FILE, load_weights
 from plumbing.inputs import check_fits
 from plumbing.processes import distribute, one_voice, shard
@@ -38,6 +39,9 @@ def check_model_name(name: str) -> str:
         return str(CACHE_DIR / "SmolLM2-135M-Instruct")
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise SystemExit(f"--model {name}: no such folder" + (" (a file)" if path.exists() else "")
+                             + "; pass a folder written by save_pretrained, a hub id, or smollm2")
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {name}: no config.json there; pass a folder written by save_pretrained")
         return str(path.resolve())  # absolute: a LoRA checkpoint names its base model by this path
@@ -121,8 +125,16 @@ def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
     try:
         if kind == "causal":
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
+        else:  # transformers' load report would list the new score head as MISSING, as if something were wrong
+            verbosity = logging.get_verbosity()
+            logging.set_verbosity_error()
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
+                                                                                 output_loading_info=True, **kwargs)
+            finally:
+                logging.set_verbosity(verbosity)
+            if info["missing_keys"] and int(os.environ.get("RANK", 0)) == 0:
+                print(f"{name}: a new scalar head ({', '.join(sorted(info['missing_keys']))}), initialised at random")
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")  # note 1; not kept by save_pretrained
     except (OSError, ValueError, KeyError) as e:  # a file missing or unreadable, an unknown architecture, ...
         raise SystemExit(f"{name}: cannot be loaded as a model: {str(e).strip().splitlines()[0]}") from None
@@ -214,8 +226,8 @@ class RewardScorer:
     def __call__(self, prompts: list[str], completions: list[str], batch_size: int = 16) -> torch.Tensor:
         scores = []
         for i in range(0, len(prompts), batch_size):
-            enc = common.reward_model_inputs(self.tokenizer, prompts[i : i + batch_size], completions[i : i + batch_size],
+            enc = tasks.reward_model_inputs(self.tokenizer, prompts[i : i + batch_size], completions[i : i + batch_size],
                                              self.norm["max_length"]).to(self.model.device)
             with common.autocast(self.model.device, self.dtype):
-                scores.append(common.reward_model_scores(self.model, enc["input_ids"], enc["attention_mask"]))
+                scores.append(tasks.reward_model_scores(self.model, enc["input_ids"], enc["attention_mask"]))
         return (torch.cat(scores).cpu() - self.norm["mean"]) / self.norm["std"]

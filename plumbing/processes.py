@@ -103,6 +103,28 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_std(x: torch.Tensor) -> torch.Tensor:
+    """The unbiased std of x [N] (on the run's device) over the whole batch, every process's rows together."""
+    n, mean = len(x) * world_size(), all_mean(x.mean())
+    return (all_mean(((x - mean) ** 2).mean()) * n / (n - 1)).sqrt()
+
+
+def per_process(total: int, flag: str) -> int:
+    """`total` split evenly over the processes -> each one's share; refused in one line when it does not divide."""
+    if total % world_size():
+        raise SystemExit(f"{flag} {total} is not divisible by the {world_size()} processes; "
+                         "each process samples the same number of prompts")
+    return total // world_size()
+
+
+def accumulating(train_model, last: bool):
+    """The context of one minibatch's backward when gradients add up over several before a step: under
+    DDP, no all-reduce except in the last one's (DDP all-reduces in every backward otherwise); FSDP
+    reduce-scatters in each, and alone there is nothing to skip."""
+    ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+    return train_model.no_sync() if ddp and not last else contextlib.nullcontext()
+
+
 def all_agree(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on every process (itself when alone): for decisions every process must share."""
     return all_mean(torch.tensor(float(flag), device=device)).item() == 1.0

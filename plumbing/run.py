@@ -19,10 +19,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-import common
+import static_decode
+import tasks
 from plumbing.checkpoints import TRAINING_STATE, rng_states, save_checkpoint, set_rng_states
 from plumbing.checkpoints import resume as read_resume
-from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards, load_prompts,
+from plumbing.data import load_prompts
+from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards,
                              load_reward_function, refuse_idle_flags)
 from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name, model_positions
 from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state, one_voice,
@@ -35,7 +37,7 @@ class RLArgs:
 
     model: str = EMBEDDED_MODEL
     """policy to train: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
-    task: str = "arithmetic"
+    task: Literal["arithmetic", "letter"] = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
     data: str | None = None
     """JSONL file of {"prompt", "answer"?} lines; replaces --task (up to 10 % held out, see --eval-data)"""
@@ -90,7 +92,7 @@ class RLArgs:
     output_dir: str = "runs"
     """TensorBoard events and checkpoints go to output_dir/run_name"""
     run_name: str | None = None
-    """default: <script>_<task or data>_<seed>_<time>"""
+    """the run folder's name (None: <script>_<task or data>_<seed>_<time>)"""
     resume: str | None = None
     """continue the run in this folder from its last checkpoint (only --steps, the intervals and --collective-timeout may change)"""
 
@@ -187,10 +189,11 @@ class Run:
                 check_prompt_lengths(scorer.tokenizer, self.train_rows + self.eval_rows, scorer.norm["max_length"] - 1,
                                      f"the reward model reads {scorer.norm['max_length']} tokens (its --max-length), "
                                      "which leaves no room for the completion", "Train it with a larger --max-length")
-        rules = common.rule_rewards(args.task, args.data, self.train_rows, args.format_weight)
+        rules = tasks.rule_rewards(args.task, args.data, self.train_rows, args.format_weight)
         self.reward_fn = functools.partial(  # (rows, completions) -> (total [N], {name: [N]})
-            common.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
+            tasks.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
             scorer_weight=args.reward_model_weight, functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
+        self.sampling = sampling(args, self.device)  # common.generate's keyword arguments, the same in every script
         set_seed(args.seed)
         self.first_step, self.saved_step, self.stop, self.scores, self.writer = 1, None, False, {}, None
 
@@ -236,6 +239,7 @@ class Run:
         self.bar = tqdm(range(self.first_step, self.args.steps + 1), desc=self.script, mininterval=1,
                         disable=self.rank != 0, initial=self.first_step - 1, total=self.args.steps)
         for step in self.bar:
+            self.seconds, self.lap_start = {}, time.perf_counter()
             yield step
             if self.stop:
                 break
@@ -251,20 +255,32 @@ class Run:
         if step == 0 and self.rank == 0:
             print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy) ...", flush=True)
         with gathered(model):  # FSDP: every layer gathered once
-            self.scores = common.evaluate(model, tokenizer, self.eval_rows, self.reward_fn, a.max_new_tokens, a.dtype,
-                                          max_prompt_length=a.max_prompt_length,
-                                          static=common.uses_static(self.device, a.generation))
+            self.scores = tasks.evaluate_held_out(model, tokenizer, self.eval_rows, self.reward_fn, self.sampling, a.dtype)
         if self.writer is not None:
             for k, v in self.scores.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
         if step == 0 and self.rank == 0:
             print(f"held-out score before training: {self.scores['reward']:.3f}", flush=True)
 
-    def log(self, step: int, metrics: dict, prompts: list[str], completions: list[str], rewards, show: dict,
-            replicas: tuple = ()) -> dict[str, float]:
-        """Each figure averaged over processes (one host sync, one all-reduce); rank 0 writes them, a few
-        samples every 10 steps, and `show` ({label: metric}) on the progress bar. replicas: under DDP,
+    def lap(self, phase: str) -> None:
+        """Seconds since the step began or since the last lap, logged as time/<phase>_s."""
+        now = time.perf_counter()
+        self.seconds[phase], self.lap_start = now - self.lap_start, now
+
+    def log(self, step: int, metrics: dict, rows: list[dict], rollout, rewards, show: dict, replicas: tuple = (),
+            sampled_tokens: int | None = None) -> dict[str, float]:
+        """The step's figures, and those every script logs alike: the completions' lengths and ends (from the
+        rollout), each lap's seconds, tokens sampled per second of generation (sampled_tokens: default the
+        rollout's). Each figure averaged over processes (one host sync, one all-reduce); rank 0 writes them,
+        a few samples every 10 steps, and `show` ({label: metric}) on the progress bar. replicas: under DDP,
         the modules whose copies must agree (dist/replica_spread, 0 when they do)."""
+        lengths = rollout.completion_mask.sum(1).float()
+        metrics = {**metrics, "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
+                   "completion/length_max": lengths.max(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
+                   "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
+                   **{f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}}
+        if "generation" in self.seconds:
+            metrics["time/tokens_per_s"] = (sampled_tokens or lengths.sum()) / self.seconds["generation"]
         metrics = reduce_metrics(metrics, self.device)
         if self.world > 1 and not self.args.fsdp:
             metrics["dist/replica_spread"] = sum(replica_spread(m) for m in replicas)
@@ -272,7 +288,7 @@ class Run:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, step)
             if step % 10 == 1:
-                log_samples(self.writer, step, prompts, completions, rewards)
+                log_samples(self.writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
             self.bar.set_postfix({**{label: f"{metrics[key]:.4g}" for label, key in show.items() if key in metrics},
                                   "eval": f"{self.scores.get('reward', math.nan):.3f}"})
         return metrics
@@ -323,6 +339,15 @@ class Run:
         if stopped:
             raise SystemExit(130)
         return False
+
+
+def sampling(args: RLArgs, device: torch.device) -> dict:
+    """The sampling flags as common.generate's keyword arguments. --generation: the plain decode loop, or
+    static_decode's fixed shapes (and CUDA graph), which sample the same tokens; `auto` is static on CUDA."""
+    static = args.generation == "static" or (args.generation == "auto" and device.type == "cuda")
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "min_p": args.min_p, "max_prompt_length": args.max_prompt_length,
+            "decode": static_decode.decode_static if static else None}
 
 
 def trained_modules(model, modules: dict | None):

@@ -28,8 +28,8 @@ def test_ddp_averaged_gradient_equals_the_whole_batch_gradient(tmp_path):
 
 
 @pytest.mark.parametrize("script, extra", [
-    ("grpo.py", ["--group-size", "2", "--minibatch-size", "2"]),
-    ("ppo.py", ["--num-minibatches", "2"]),
+    ("grpo.py", ["--group-size", "2", "--micro-batch-size", "2"]),
+    ("ppo.py", ["--minibatch-size", "1"]),
     ("trpo.py", []),
 ])
 def test_script_runs_under_torchrun_with_replicas_in_sync(script, extra, llama_folder, tmp_path):
@@ -50,8 +50,8 @@ def test_fsdp_training_equals_one_process_on_the_whole_batch(tmp_path):
 
 
 @pytest.mark.parametrize("script, extra", [
-    ("grpo.py", ["--group-size", "2", "--minibatch-size", "2"]),
-    ("ppo.py", ["--num-minibatches", "2"]),
+    ("grpo.py", ["--group-size", "2", "--micro-batch-size", "2"]),
+    ("ppo.py", ["--minibatch-size", "1"]),
 ])
 def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, extra, llama_folder, tmp_path):
     flags = [str(ROOT / script), "--model", llama_folder, "--task", "letter", "--prompts-per-step", "4", "--eval-prompts",
@@ -104,7 +104,7 @@ def test_fsdp_dynamic_sampling_runs_the_same_rounds_on_every_process(llama_folde
     while rank 1 went on, their all-gathers would pair up wrongly and hang. Both run the same rounds."""
     (tmp_path / "rf.py").write_text(RANK_REWARD_PY)
     result = torchrun(str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--fsdp", "--steps", "1",
-                      "--prompts-per-step", "4", "--group-size", "2", "--minibatch-size", "2", "--max-new-tokens", "4",
+                      "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "4",
                       "--eval-prompts", "0", "--reward-fn", "rf.py:by_rank", "--rule-weight", "0", "--dynamic-sampling",
                       "--dynamic-sampling-rounds", "3", "--collective-timeout", "2", "--run-name", "ds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

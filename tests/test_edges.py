@@ -9,6 +9,7 @@ import torch
 
 import common
 import plumbing
+import tasks
 from test_grpo import run_script, scalars
 from tiny import save_tiny_model
 
@@ -28,7 +29,7 @@ def write_prompts(path, prompts):
 def grpo_args(folder, tmp_path, **kwargs):
     import grpo
 
-    base = dict(model=folder, steps=1, prompts_per_step=2, group_size=2, minibatch_size=4,
+    base = dict(model=folder, steps=1, prompts_per_step=2, group_size=2, micro_batch_size=4,
                 max_new_tokens=16, eval_prompts=4, output_dir=str(tmp_path / "runs"))
     return grpo, grpo.Args(**{**base, **({} if "data" in kwargs else {"task": "letter"}), **kwargs})
 
@@ -158,7 +159,7 @@ def one_number(prompts, completions, **kwargs):
 def test_a_reward_function_that_raises_names_itself_shows_its_frames_and_keeps_the_checkpoint(llama_folder, tmp_path):
     (tmp_path / "rf.py").write_text(RF_PY)
     result = run_script("grpo.py", "--model", llama_folder, "--task", "letter", "--reward-fn", "rf.py:raises", "--steps", "3",
-                        "--save-interval", "1", "--prompts-per-step", "2", "--group-size", "2", "--minibatch-size", "4",
+                        "--save-interval", "1", "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "4",
                         "--max-new-tokens", "4", "--eval-prompts", "4", "--run-name", "rf", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     error = result.stderr[result.stderr.index("--reward-fn"):]
@@ -193,4 +194,4 @@ def test_a_reward_function_that_returns_no_numbers_says_what_it_returned(functio
     name, fn = plumbing.load_reward_function(f"{tmp_path / 'rf.py'}:{function}")
     rows = [{"prompt": "p", "answer": None}] * 2
     with pytest.raises(SystemExit, match=message):
-        common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})
+        tasks.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})

@@ -9,6 +9,7 @@ import torch
 
 import common
 import plumbing
+import tasks
 import grpo
 from tiny import tiny_policy
 
@@ -105,6 +106,31 @@ def test_loss_aggregation_matches_hand_computation(loss_type, expected):
     assert loss.item() == pytest.approx(expected)
 
 
+def test_cispo_weighs_log_pi_by_the_clipped_detached_ratio_and_keeps_every_tokens_gradient():
+    """MiniMax-M1's CISPO: l_t = −sg(min(ρ_t, 1+ε_high)) A log π_θ(o_t), a token mean. A token whose ratio is
+    above the cap keeps a gradient (PPO's min() would zero it), weighted by the cap."""
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[0.5, 2.0, 1.0]])).requires_grad_()  # ρ = 0.5, 2 (capped at 1.3), 1
+    A = torch.tensor([1.0])
+    loss, stats = grpo.grpo_loss(new, old, A, torch.ones(1, 3), beta=0.0, epsilon=0.2, epsilon_high=0.3,
+                                 loss_type="cispo", max_new_tokens=3)
+    weights = torch.tensor([0.5, 1.3, 1.0])
+    assert loss.item() == pytest.approx(-(weights * new.detach()[0]).sum().item() / 3)
+    loss.backward()
+    torch.testing.assert_close(new.grad[0], -weights / 3)  # the weight is detached: ∂l/∂log π = −w A / n
+    assert stats["clip_high"].item() == pytest.approx(1 / 3) and stats["clip_low"].item() == 0.0
+
+
+def test_sampler_weights_multiply_each_tokens_policy_term_not_the_kl():
+    logprobs, ref = torch.randn(2, 2, 3)
+    weights = torch.tensor([[2.0, 0.5, 0.0], [1.0, 1.0, 1.0]])
+    kl = grpo.kl_penalty(logprobs, ref, logprobs)
+    args = dict(kl=kl, beta=0.1, epsilon=0.2, epsilon_high=0.2, loss_type="dapo", max_new_tokens=3)
+    weighted, _ = grpo.grpo_loss(logprobs, logprobs, ADV, MASK, is_weights=weights, **args)
+    expected = ((-weights * ADV[:, None] + 0.1 * kl) * MASK).sum() / MASK.sum()  # ρ = 1
+    assert weighted.item() == pytest.approx(expected.item())
+
+
 def test_loss_clips_the_ratio_and_adds_beta_times_k3():
     old = torch.zeros(1, 1)
     new = torch.log(torch.tensor([[1.5]]))  # ratio 1.5 > 1 + ε_high
@@ -117,7 +143,7 @@ def test_loss_clips_the_ratio_and_adds_beta_times_k3():
     assert stats["clip_high"].item() == 1.0 and stats["clip_low"].item() == 0.0
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "cispo"])
 def test_minibatch_losses_add_up_to_the_batch_loss(loss_type):
     torch.manual_seed(0)
     logprobs, old, ref = torch.randn(3, 6, 5)
@@ -156,7 +182,7 @@ def test_grpo_runs_end_to_end_and_saves_a_loadable_checkpoint(arch, gpt2_folder,
     folder = gpt2_folder if arch == "gpt2" else llama_folder
     result = run_script("grpo.py", "--model", folder, "--task", "letter", "--lr", "1e-3", "--steps", "2",
                         "--eval-prompts", "8", "--num-iterations", "2",
-                        "--group-size", "4", "--minibatch-size", "8", "--run-name", "e2e", cwd=tmp_path)
+                        "--group-size", "4", "--micro-batch-size", "8", "--run-name", "e2e", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "e2e"
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -186,7 +212,7 @@ def test_grpo_learns_the_letter_reward(llama_folder, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--group-size", "1"], "at least 2 completions"),
-    (["--prompts-per-step", "3", "--group-size", "4", "--minibatch-size", "8"], "not divisible by --minibatch-size"),
+    (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "not divisible by --micro-batch-size"),
     (["--model", "no-such-org/no-such-model"], "not a local folder and not loadable"),
     (["--model", "./missing-folder"], "no config.json"),
     (["--data", "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
@@ -220,7 +246,7 @@ def letter_logprob(folder) -> float:
                     return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         logits = model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-    return logits.log_softmax(-1)[:, tokenizer.convert_tokens_to_ids(common.LETTER)].mean().item()
+    return logits.log_softmax(-1)[:, tokenizer.convert_tokens_to_ids(tasks.LETTER)].mean().item()
 
 
 def test_grpo_with_lora_learns_the_letter_reward_and_saves_adapters_and_a_merged_model(llama_folder, tmp_path):
@@ -286,7 +312,7 @@ def test_reward_fn_none_counts_zero_and_its_errors_name_the_function(llama_folde
     (tmp_path / "rewards.py").write_text(REWARDS_PY)
     rows = [{"prompt": "Say it 1.", "answer": None}, {"prompt": "Say it 2.", "answer": None}]
     name, fn = plumbing.load_reward_function(f"{tmp_path / 'rewards.py'}:not_for_odd")
-    total, parts = common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 2.0)})
+    total, parts = tasks.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 2.0)})
     assert total.tolist() == [0.0, 2.0] and parts["not_for_odd"][0].isnan()
     for spec, message in [(f"{tmp_path}/nowhere.py:f", "no file"), (f"{tmp_path / 'rewards.py'}:nope", "no function 'nope'")]:
         with pytest.raises(SystemExit, match=message):
@@ -295,7 +321,7 @@ def test_reward_fn_none_counts_zero_and_its_errors_name_the_function(llama_folde
                               ("infinite", "infinite returned a value that is not finite")]:
         name, fn = plumbing.load_reward_function(f"{tmp_path / 'rewards.py'}:{function}")
         with pytest.raises(SystemExit, match=message):
-            common.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})
+            tasks.compute_rewards(rows, ["a", "b"], {}, functions={name: (fn, 1.0)})
 
 
 def test_grpo_variants_run_end_to_end(llama_folder, tmp_path):

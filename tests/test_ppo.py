@@ -104,7 +104,7 @@ def test_ppo_runs_end_to_end_and_the_value_head_reloads(arch, gpt2_folder, llama
     from transformers import AutoModelForCausalLM
 
     folder = gpt2_folder if arch == "gpt2" else llama_folder
-    result = run_script("ppo.py", "--model", folder, "--steps", "2", "--prompts-per-step", "4", "--num-minibatches", "2",
+    result = run_script("ppo.py", "--model", folder, "--steps", "2", "--prompts-per-step", "4", "--minibatch-size", "2",
                         "--eval-prompts", "8", "--adaptive-kl", "--run-name", "e2e", "--top-k", "20", "--min-p", "0.01",
                         "--max-prompt-length", "16", "--lr-schedule", "linear", "--warmup-steps", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -151,7 +151,7 @@ def test_ppo_learns_the_letter_reward_and_the_value_loss_falls(llama_folder, tmp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompts-per-step", "6", "--num-minibatches", "4"], "not divisible by --num-minibatches"),
+    (["--prompts-per-step", "6", "--minibatch-size", "4"], "not divisible by --minibatch-size"),
     (["--model", "no-such-org/no-such-model"], "not a local folder and not loadable"),
     (["--data", "bad.jsonl"], "bad.jsonl:1: not valid JSON"),
 ])

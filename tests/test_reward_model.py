@@ -6,6 +6,7 @@ import torch
 
 import common
 import plumbing
+import tasks
 import reward_model
 from test_grpo import run_script, scalars
 
@@ -116,5 +117,5 @@ def test_bad_pairs_fail_early_and_write_nothing(content, message, tmp_path):
 def test_builtin_pairs_prefer_the_bare_correct_answer():
     pairs = reward_model.arithmetic_pairs(50, seed=0)
     rows = [{"answer": p["chosen"]} for p in pairs]
-    assert all(common.correct_reward(p["chosen"], r["answer"]) == 1.0 for p, r in zip(pairs, rows))
+    assert all(tasks.correct_reward(p["chosen"], r["answer"]) == 1.0 for p, r in zip(pairs, rows))
     assert all(p["chosen"] != p["rejected"] for p in pairs)

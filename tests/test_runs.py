@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import plumbing
+import tasks
 from test_grpo import run_script, scalars
 
 RL = ["grpo", "ppo", "trpo"]
 # 8 completions per step. PPO and TRPO would replace the reward of an unfinished completion by a penalty.
-SMALL = {"grpo": dict(group_size=4, prompts_per_step=2, minibatch_size=4, lr=1e-3),
+SMALL = {"grpo": dict(group_size=4, prompts_per_step=2, micro_batch_size=4, lr=1e-3),
          "ppo": dict(prompts_per_step=8, missing_eos_penalty=None, lr=1e-3),
          "trpo": dict(prompts_per_step=8, missing_eos_penalty=None, max_kl=0.05)}
 
@@ -31,7 +31,7 @@ def rl_args(script, folder, tmp_path, **kwargs):
 def interrupt_during(monkeypatch, call: int, action):
     """Run action() at the call-th completion scored by the letter reward (a step scores 8, the evaluation 4)."""
     calls = []
-    letter_reward = common.letter_reward
+    letter_reward = tasks.letter_reward
 
     def reward(completion):
         calls.append(1)
@@ -39,7 +39,7 @@ def interrupt_during(monkeypatch, call: int, action):
             action()
         return letter_reward(completion) + 0.1 * (len(calls) % 3)  # rewards that vary: non-zero advantages
 
-    monkeypatch.setattr(common, "letter_reward", reward)
+    monkeypatch.setattr(tasks, "letter_reward", reward)
 
 
 @pytest.mark.parametrize("script", RL)
@@ -95,7 +95,7 @@ def test_a_nan_or_a_second_ctrl_c_keeps_the_last_checkpoint_and_the_logs(script,
                                                                        monkeypatch):
     def fail():
         if failure == "nan":
-            monkeypatch.setattr(common, "letter_reward", lambda c: float("nan"))
+            monkeypatch.setattr(tasks, "letter_reward", lambda c: float("nan"))
         else:
             raise KeyboardInterrupt  # what the second Ctrl-C raises in the middle of a step
 
