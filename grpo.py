@@ -322,7 +322,6 @@ def main(args: Args):
             metrics = {
                 "reward/mean": rewards.mean(), "reward/std": rewards.std(),
                 "reward/zero_std_groups": (rewards.view(-1, G).std(1) < 1e-6).float().mean(),
-                **{f"reward/{k}": v.nanmean() for k, v in groups.reward_terms.items()},
                 "advantage/mean": advantages.mean(), "advantage/std": advantages.std(),
                 "advantage/abs_max": advantages.abs().max(), "sampling/groups_drawn": groups.groups_drawn,
                 **{f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
@@ -330,8 +329,8 @@ def main(args: Args):
                 **common.sampler_mismatch(trainer_logprobs, rollout.sampler_logprobs, mask),
             }
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, groups.rows, rollout, rewards, show={"reward": "reward/mean", "kl": "train/kl"},
-                    replicas=(model,), sampled_tokens=groups.sampled_tokens)
+            run.log(step, metrics, groups.rows, rollout, rewards, groups.reward_terms, replicas=(model,),
+                    show={"reward": "reward/mean", "kl": "train/kl"}, sampled_tokens=groups.sampled_tokens)
 
             # --- 6. checkpoint: every --save-interval steps, at the end, and after a Ctrl-C ---
             run.checkpoint(step, model, tokenizer, optimizer, scheduler)

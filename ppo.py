@@ -287,7 +287,6 @@ def main(args: Args):
                 "objective/scores": scores.mean(), "objective/kl": sequence_kl, "objective/kl_coef": beta,
                 "objective/kl_k3_per_token": ((log_ratio.exp() - log_ratio - 1) * mask).sum() / mask.sum(),
                 "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
-                **{f"reward/{k}": v.nanmean() for k, v in reward_terms.items()},
                 **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}, "train/lr": scheduler.get_last_lr()[0],
                 "value/explained_variance": explained_variance(old_values, returns, mask),
                 **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
@@ -301,8 +300,8 @@ def main(args: Args):
 
             # --- 8. evaluation, logging; checkpoint (policy, value head, β) when due, at the end, after a Ctrl-C ---
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, rows, rollout, scores, show={"score": "objective/scores", "kl": "objective/kl_k3_per_token"},
-                    replicas=(model, value_head))
+            run.log(step, metrics, rows, rollout, scores, reward_terms, replicas=(model, value_head),
+                    show={"score": "objective/scores", "kl": "objective/kl_k3_per_token"})
             run.checkpoint(step, model, tokenizer, optimizer, scheduler, modules={"value_head": value_head},
                            state={"beta": beta})
     return run.folder

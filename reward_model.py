@@ -40,7 +40,7 @@ class Args:
     model: str = plumbing.EMBEDDED_MODEL
     """base model: `smollm2` (embedded SmolLM2-135M-Instruct), a hub id such as `gpt2`, or a local folder"""
     data: str | None = None
-    """JSONL file of {"prompt", "chosen", "rejected"} lines (None: built-in pairs from the arithmetic task)"""
+    """preference pairs {"prompt", "chosen", "rejected"} (strings, or chat messages as TRL writes them): a .jsonl, .parquet, .json or .csv file, a save_to_disk folder or a hub data set id (None: built-in pairs from the arithmetic task)"""
     num_pairs: int = 1024
     """size of the built-in preference set (not with --data)"""
     steps: int | None = None
@@ -101,28 +101,11 @@ def arithmetic_pairs(n: int, seed: int) -> list[dict]:
     return pairs
 
 
-def read_pairs(path: str) -> list[dict]:
-    """Pairs from a JSONL file; line-numbered errors; pairs with chosen == rejected are dropped."""
-    pairs = []
-    for lineno, row in plumbing.read_jsonl(path):
-        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if missing:
-            raise SystemExit(f"{path}:{lineno}: needs string fields \"prompt\", \"chosen\", \"rejected\" (missing {missing})")
-        if row["chosen"] != row["rejected"]:
-            pairs.append({**row, "line": f"{path}:{lineno}"})
-    if not pairs:
-        raise SystemExit(f"{path}: no usable pairs (the file is empty, or chosen == rejected on every line)")
-    return pairs
-
-
-# ----------------------------------------------------------------------------------------------
-
-
 def score_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [N], r_rejected [N]) for a batch of pairs, in one forward pass."""
     prompts = [p["prompt"] for p in pairs]
     enc = tasks.reward_model_inputs(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                     max_length).to(model.device)
+                                     max_length, common.PACK_MULTIPLE.get(model.device.type, 1)).to(model.device)
     scores = tasks.reward_model_scores(model, enc["input_ids"], enc["attention_mask"])
     return scores[: len(pairs)], scores[len(pairs) :]
 
@@ -149,7 +132,7 @@ def main(args: Args) -> Path:
     # --- checks, before anything is loaded or written ---
     plumbing.check_ranges(args, RANGES)
     plumbing.refuse_idle_flags(args, [("num_pairs", args.data is not None, "it sizes the built-in pairs; --data replaces them")])
-    pairs = read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
+    pairs = plumbing.read_pairs(args.data) if args.data else arithmetic_pairs(args.num_pairs, args.seed)
     if len(pairs) < 2:
         raise SystemExit(f"{len(pairs)} pair(s): need at least 2 to hold some out")
     positions = plumbing.model_positions(plumbing.check_model_name(args.model))

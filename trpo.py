@@ -378,7 +378,6 @@ def main(args: Args):
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
                 "objective/kl_k3_per_token": ((-kl).exp() + kl - 1).sum() / mask.sum(),  # k3 of log π_ref − log π
-                **{f"reward/{k}": v.nanmean() for k, v in reward_terms.items()},
                 "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
                 "trpo/expected_improvement": result["expected_improvement"],
                 "trpo/actual_improvement": result["surrogate"] - result["surrogate_before"],
@@ -389,7 +388,7 @@ def main(args: Args):
                 **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
             }
             run.evaluate(step, model, tokenizer)
-            run.log(step, metrics, rows, rollout, scores, replicas=(model, value_head),
+            run.log(step, metrics, rows, rollout, scores, reward_terms, replicas=(model, value_head),
                     show={"score": "objective/scores", "kl": "objective/kl_k3_per_token", "tr_kl": "trpo/kl_after",
                           "tries": "trpo/line_search_tries"})
 

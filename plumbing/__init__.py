@@ -14,7 +14,7 @@ Every name a script uses is imported below from the file that defines it:
 """
 
 from plumbing.checkpoints import REWARD_NORM_FILE, TRAINING_STATE, save_checkpoint
-from plumbing.data import load_prompts, read_jsonl
+from plumbing.data import load_prompts, read_jsonl, read_pairs
 from plumbing.inputs import (check_prompt_lengths, check_ranges, check_rewards, load_reward_function,
                              refuse_idle_flags)
 from plumbing.models import (EMBEDDED_GGUF, EMBEDDED_MODEL, RewardScorer, adapters_off, add_lora, check_lm_head,

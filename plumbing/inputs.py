@@ -1,11 +1,13 @@
 """Checking input before anything loads: flag ranges, idle flags, context lengths, reward settings, your reward functions."""
 
+import functools
 import importlib.util
 import math
 import traceback
 from pathlib import Path
 
 import common
+import tasks
 from plumbing.checkpoints import REWARD_NORM_FILE
 from plumbing.processes import world_size
 
@@ -41,15 +43,32 @@ def check_fsdp(fsdp: bool, lora_rank: int = 0) -> None:
                          "checkpoints are not written for sharded models)")
 
 
-def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, rule_weight: float = 1.0,
-                  reward_fn: str | None = None) -> None:
+def check_rewards(data: str | None, rows: list[dict], reward_model: str | None, rule_weight: float,
+                  reward_fns: tuple[str, ...] = (), rule_weight_given: bool = False) -> None:
     """Fail early when there is nothing to reward: answers missing, or rules off, and no other reward."""
-    if rule_weight == 0 and reward_model is None and reward_fn is None:
+    if rule_weight == 0 and reward_model is None and not reward_fns:
         raise SystemExit("--rule-weight 0 leaves no reward: pass --reward-model or --reward-fn, or keep the rule rewards")
     if reward_model is not None and not (Path(reward_model) / REWARD_NORM_FILE).is_file():
         raise SystemExit(f"--reward-model {reward_model}: not a folder written by reward_model.py (no {REWARD_NORM_FILE})")
-    if data is not None and reward_model is None and reward_fn is None and any(row["answer"] is None for row in rows):
-        raise SystemExit(f"{data}: some lines have no \"answer\" to check; add answers or pass --reward-model")
+    unchecked = next((row for row in rows if tasks.reference_answer(row) is None), None)
+    if data is not None and unchecked and (rule_weight_given or (reward_model is None and not reward_fns)):
+        raise SystemExit(f'{unchecked["_where"]}: no "answer" (or "solution", "ground_truth") for the rule reward to check; '
+                         "add one to every row, or pass --reward-model or --reward-fn")
+
+
+def load_reward_functions(specs: tuple[str, ...], weights: tuple[float, ...], rows: list[dict]) -> dict:
+    """Each --reward-fn with its weight (--reward-fn-weight, one each; default 1) -> {name: (function, weight)},
+    each checked against the columns every row has (check_reward_function)."""
+    if weights and len(weights) != len(specs):
+        raise SystemExit(f"--reward-fn-weight has {len(weights)} value(s) for {len(specs)} --reward-fn: give one weight each")
+    columns = sorted(set.intersection(*(set(r) for r in rows)) - {"prompt", "_where"}) if rows else []
+    functions = {}
+    for spec, weight in zip(specs, weights or [1.0] * len(specs)):
+        name, fn = load_reward_function(spec)
+        name = name if name not in functions else f"{name}_{len(functions)}"  # two functions of one name
+        tasks.check_reward_function(name, fn, columns)
+        functions[name] = (fn, weight)
+    return functions
 
 
 def check_context(positions: int | None, max_new_tokens: int, max_prompt_length: int | None) -> None:
@@ -64,12 +83,18 @@ def check_context(positions: int | None, max_new_tokens: int, max_prompt_length:
 
 
 def check_prompt_lengths(tokenizer, rows: list[dict], limit: int, why: str, fix: str) -> None:
-    """Refuse the first prompt that is more than `limit` tokens once formatted (common.format_prompt),
-    naming its file and line ("line", as read_prompts gives it) and the fix, before the first step."""
-    texts = [common.format_prompt(tokenizer, r["prompt"]) for r in rows]
+    """Refuse the first prompt that is more than `limit` tokens once formatted (common.format_prompt), or
+    chat messages for a model without a chat template, naming its row ("_where", as plumbing/data.py gives
+    it) and the fix, before the first step."""
+    texts = []
+    for row in rows:
+        try:
+            texts.append(common.format_prompt(tokenizer, row["prompt"]))
+        except ValueError as e:  # chat messages, no chat template
+            raise SystemExit(f"{row.get('_where', 'a built-in prompt')}: {e}") from None
     for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         if len(ids) > limit:
-            raise SystemExit(f"{row.get('line', 'a built-in prompt')}: the prompt is {len(ids)} tokens; {why}. {fix}")
+            raise SystemExit(f"{row.get('_where', 'a built-in prompt')}: the prompt is {len(ids)} tokens; {why}. {fix}")
 
 
 def check_fits(args, rows: list[dict], positions: int | None, tokenizer) -> None:
@@ -86,8 +111,8 @@ def check_fits(args, rows: list[dict], positions: int | None, tokenizer) -> None
 
 def load_reward_function(spec: str):
     """`path/to/file.py:function_name` -> (name, function), found before anything loads. The function
-    takes TRL's keyword arguments (prompts, completions, answer: lists) and returns one float per
-    completion, or None where it does not apply. An error in the file or in the function stops the
+    takes TRL's keyword arguments (prompts, completions and the data's columns: lists) and returns one
+    float per completion, or None where it does not apply. An error in the file or in the function stops the
     run with a line that names it and the file's own frames, not this project's."""
     path, _, name = spec.rpartition(":")
     if not path or not Path(path).is_file():
@@ -102,6 +127,7 @@ def load_reward_function(spec: str):
     if not callable(fn):
         raise SystemExit(f"--reward-fn {spec}: {path} has no function {name!r}")
 
+    @functools.wraps(fn)  # its signature, which check_reward_function reads
     def reward_function(**kwargs):
         try:
             return fn(**kwargs)

@@ -45,15 +45,10 @@ def check_model_name(name: str) -> str:
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {name}: no config.json there; pass a folder written by save_pretrained")
         return str(path.resolve())  # absolute: a LoRA checkpoint names its base model by this path
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from transformers import AutoConfig
 
-    offline = False  # no proxy and the hub's name does not resolve: huggingface_hub would retry ~25 s
-    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        try:
-            socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-        except OSError:
-            offline = True
+    offline = not hub_reachable()
     try:
         if offline:
             return snapshot_download(name, local_files_only=True)  # a copy in the local hub cache, or fail now
@@ -63,6 +58,19 @@ def check_model_name(name: str) -> str:
         why = "the hub cannot be reached from here and no copy is cached" if offline else type(e).__name__
         raise SystemExit(f"--model {name}: not a local folder and not loadable from the Hugging Face hub ({why}). "
                          f"Pass a local model folder, or use the embedded default (--model {EMBEDDED_MODEL}).") from None
+
+
+def hub_reachable() -> bool:
+    """False when no proxy is set and the hub's name does not resolve: huggingface_hub would retry for ~25 s."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
 
 
 def model_positions(config) -> int | None:
@@ -227,7 +235,7 @@ class RewardScorer:
         scores = []
         for i in range(0, len(prompts), batch_size):
             enc = tasks.reward_model_inputs(self.tokenizer, prompts[i : i + batch_size], completions[i : i + batch_size],
-                                             self.norm["max_length"]).to(self.model.device)
+                                            self.norm["max_length"]).to(self.model.device)
             with common.autocast(self.model.device, self.dtype):
                 scores.append(tasks.reward_model_scores(self.model, enc["input_ids"], enc["attention_mask"]))
         return (torch.cat(scores).cpu() - self.norm["mean"]) / self.norm["std"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -25,7 +26,7 @@ from plumbing.checkpoints import TRAINING_STATE, rng_states, save_checkpoint, se
 from plumbing.checkpoints import resume as read_resume
 from plumbing.data import load_prompts
 from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards,
-                             load_reward_function, refuse_idle_flags)
+                             load_reward_functions, refuse_idle_flags)
 from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name, model_positions
 from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state, one_voice,
                                 optimizer_state, pick_device, rank, reduce_metrics, replica_spread, set_seed, world_size)
@@ -40,21 +41,21 @@ class RLArgs:
     task: Literal["arithmetic", "letter"] = "arithmetic"
     """built-in task: `arithmetic` ("What is A + B?", rule rewards) or `letter` (share of the letter a)"""
     data: str | None = None
-    """JSONL file of {"prompt", "answer"?} lines; replaces --task (up to 10 % held out, see --eval-data)"""
+    """prompts: a .jsonl, .parquet, .json or .csv file, a save_to_disk folder, or a hub data set id. A row's "prompt" is chat messages, or a string sent through the chat template as one user message (TRL leaves a string as it is); "answer" (or "solution", "ground_truth") is checked by the rule reward; every column reaches --reward-fn by name. Replaces --task; up to 10 % held out (see --eval-data)"""
     eval_data: str | None = None
-    """JSONL file of held-out prompts for --data (then all of --data trains)"""
+    """held-out prompts for --data, from the same kinds of source (then all of --data trains)"""
     reward_model: str | None = None
     """folder written by reward_model.py; its normalised score is added to the rule rewards"""
     reward_model_weight: float = 1.0
     """weight of the reward-model score in the total reward"""
-    rule_weight: float = 1.0
-    """weight of the task's rule rewards in the total reward (0: reward model or --reward-fn alone)"""
+    rule_weight: float | None = None
+    """weight of the rule reward (the task's, or 1 when the answer is right) in the total (None: 1 when neither --reward-fn nor --reward-model is given, else off)"""
     format_weight: float = 0.0
     """weight of the format reward (1 when the completion is just a number) beside correctness (weight 1)"""
-    reward_fn: str | None = None
-    """your own reward, `path/to/file.py:function_name`: f(prompts=, completions=, answer=) -> one float (or None) each"""
-    reward_fn_weight: float = 1.0
-    """weight of --reward-fn in the total reward"""
+    reward_fn: tyro.conf.UseAppendAction[tuple[str, ...]] = ()
+    """your reward function, `path/to/file.py:function_name`, repeatable; TRL's convention: f(prompts, completions, **columns) -> one float (or None: does not apply) per completion"""
+    reward_fn_weight: tyro.conf.UseAppendAction[tuple[float, ...]] = ()
+    """the weight of each --reward-fn, in their order, repeatable (none given: 1 each)"""
     steps: int = 100
     """training steps, one batch of rollouts each"""
     max_new_tokens: int = 32
@@ -73,6 +74,8 @@ class RLArgs:
     """greedy held-out evaluation every this many steps (and before the first, and after the last)"""
     eval_prompts: int = 64
     """size of the held-out prompt set (0: no evaluation)"""
+    eval_samples: int = 0
+    """besides the greedy completion, sample n per held-out prompt at the training temperature: avg@n and the unbiased pass@k, k = 1, 2, 4, ... ≤ n (0: greedy only)"""
     save_interval: int = 50
     """checkpoint every this many steps, and at the end"""
     seed: int = 1
@@ -123,7 +126,7 @@ class TrainArgs(RLArgs):
 
 # Valid values of the shared numeric flags ("(": that end excluded). Checked before anything loads.
 RANGES = {"reward_model_weight": "[-inf, inf]", "rule_weight": "[-inf, inf]", "format_weight": "[-inf, inf]",
-          "reward_fn_weight": "[-inf, inf]", "steps": "[1, inf)", "max_new_tokens": "[1, inf)",
+          "eval_samples": "[0, inf)", "steps": "[1, inf)", "max_new_tokens": "[1, inf)",
           "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)", "min_p": "[0, 1)",
           "max_prompt_length": "[1, inf)", "eval_interval": "[1, inf)", "eval_prompts": "[0, inf)",
           "save_interval": "[1, inf)", "collective_timeout": "(0, inf)", "warmup_steps": "[0, inf)",
@@ -141,7 +144,8 @@ def idle_flags(args: RLArgs) -> list[tuple[str, bool, str]]:
             ("eval_interval", args.eval_prompts == 0, "--eval-prompts 0 turns the held-out evaluation off"),
             ("task", args.data is not None, "--data replaces the built-in task"),
             ("reward_model_weight", args.reward_model is None, "it weights --reward-model, which is not given"),
-            ("reward_fn_weight", args.reward_fn is None, "it weights --reward-fn, which is not given"),
+            ("reward_fn_weight", not args.reward_fn, "it weights --reward-fn, which is not given"),
+            ("eval_samples", args.eval_prompts == 0, "--eval-prompts 0 turns the held-out evaluation off"),
             ("format_weight", args.task == "letter" and args.data is None, "the letter task has no format reward"),
             ("collective_timeout", world_size() == 1, "it bounds waits between processes: run under torchrun"), *lora]
 
@@ -174,8 +178,13 @@ class Run:
             check_fsdp(args.fsdp, getattr(args, "lora_rank", 0))
             self.args = args
             self.train_rows, self.eval_rows = load_prompts(args.task, args.data, args.seed, args.eval_prompts, args.eval_data)
-            check_rewards(args.data, self.train_rows + self.eval_rows, args.reward_model, args.rule_weight, args.reward_fn)
-            functions = dict([load_reward_function(args.reward_fn)]) if args.reward_fn else {}
+            rule_weight = args.rule_weight if args.rule_weight is not None else float(not (args.reward_fn or args.reward_model))
+            check_rewards(args.data, self.train_rows + self.eval_rows, args.reward_model, rule_weight, args.reward_fn,
+                          rule_weight_given=args.rule_weight is not None)
+            if args.eval_samples and any(tasks.reference_answer(r) is None for r in self.eval_rows):
+                raise SystemExit(f"--eval-samples {args.eval_samples}: pass@k counts correct answers, and the held-out "
+                                 "prompts have none to check")
+            functions = load_reward_functions(args.reward_fn, args.reward_fn_weight, self.train_rows + self.eval_rows)
             check_context(model_positions(check_model_name(args.model)), args.max_new_tokens, args.max_prompt_length)
             name = args.task if args.data is None else Path(args.data).stem
             self.folder = Path(args.resume) if args.resume else run_folder(args.output_dir, args.run_name,
@@ -191,8 +200,8 @@ class Run:
                                      "which leaves no room for the completion", "Train it with a larger --max-length")
         rules = tasks.rule_rewards(args.task, args.data, self.train_rows, args.format_weight)
         self.reward_fn = functools.partial(  # (rows, completions) -> (total [N], {name: [N]})
-            tasks.compute_rewards, rules=rules, rule_weight=args.rule_weight, scorer=scorer,
-            scorer_weight=args.reward_model_weight, functions={k: (f, args.reward_fn_weight) for k, f in functions.items()})
+            tasks.compute_rewards, rules=rules, rule_weight=rule_weight, scorer=scorer,
+            scorer_weight=args.reward_model_weight, functions=functions)
         self.sampling = sampling(args, self.device)  # common.generate's keyword arguments, the same in every script
         set_seed(args.seed)
         self.first_step, self.saved_step, self.stop, self.scores, self.writer = 1, None, False, {}, None
@@ -253,29 +262,35 @@ class Run:
         if not (due and self.eval_rows and (self.rank == 0 or a.fsdp)):
             return
         if step == 0 and self.rank == 0:
-            print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy) ...", flush=True)
+            samples = f" and {a.eval_samples} samples each" if a.eval_samples else ""
+            print(f"evaluating on {len(self.eval_rows)} held-out prompts (greedy{samples}) ...", flush=True)
         with gathered(model):  # FSDP: every layer gathered once
-            self.scores = tasks.evaluate_held_out(model, tokenizer, self.eval_rows, self.reward_fn, self.sampling, a.dtype)
+            self.scores = tasks.evaluate_held_out(model, tokenizer, self.eval_rows, self.reward_fn, self.sampling, a.dtype,
+                                                  n_samples=a.eval_samples)
         if self.writer is not None:
             for k, v in self.scores.items():
                 self.writer.add_scalar(f"eval/{k}", v, step)
         if step == 0 and self.rank == 0:
-            print(f"held-out score before training: {self.scores['reward']:.3f}", flush=True)
+            print(f"held-out before training: {held_out(self.scores)}", flush=True)
 
     def lap(self, phase: str) -> None:
         """Seconds since the step began or since the last lap, logged as time/<phase>_s."""
         now = time.perf_counter()
         self.seconds[phase], self.lap_start = now - self.lap_start, now
 
-    def log(self, step: int, metrics: dict, rows: list[dict], rollout, rewards, show: dict, replicas: tuple = (),
-            sampled_tokens: int | None = None) -> dict[str, float]:
-        """The step's figures, and those every script logs alike: the completions' lengths and ends (from the
-        rollout), each lap's seconds, tokens sampled per second of generation (sampled_tokens: default the
-        rollout's). Each figure averaged over processes (one host sync, one all-reduce); rank 0 writes them,
-        a few samples every 10 steps, and `show` ({label: metric}) on the progress bar. replicas: under DDP,
-        the modules whose copies must agree (dist/replica_spread, 0 when they do)."""
+    def log(self, step: int, metrics: dict, rows: list[dict], rollout, rewards, reward_terms: dict, show: dict,
+            replicas: tuple = (), sampled_tokens: int | None = None) -> dict[str, float]:
+        """The step's figures, and those every script logs alike: each reward term's mean and std over the
+        completions it applies to (reward_terms: {name: [B]}, NaN where a function returned None), the
+        completions' lengths and ends, each lap's seconds, tokens sampled per second of generation
+        (sampled_tokens: default the rollout's). Each figure averaged over processes (one host sync, one
+        all-reduce); rank 0 writes them, a few samples every 10 steps, and `show` ({label: metric}) on the
+        progress bar. replicas: under DDP, the modules whose copies must agree (dist/replica_spread, 0 when they do)."""
         lengths = rollout.completion_mask.sum(1).float()
-        metrics = {**metrics, "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
+        applies = {k: v[~v.isnan()] for k, v in reward_terms.items()}
+        metrics = {**metrics, **{f"reward/{k}": v.mean() if len(v) else 0.0 for k, v in applies.items()},
+                   **{f"reward/{k}_std": v.std() if len(v) > 1 else 0.0 for k, v in applies.items()},
+                   "completion/length_mean": lengths.mean(), "completion/length_min": lengths.min(),
                    "completion/length_max": lengths.max(), "completion/eos_fraction": 1 - rollout.truncated.float().mean(),
                    "completion/prompts_truncated": rollout.prompt_truncated.float().mean(),
                    **{f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}}
@@ -289,8 +304,9 @@ class Run:
                 self.writer.add_scalar(k, v, step)
             if step % 10 == 1:
                 log_samples(self.writer, step, [r["prompt"] for r in rows], rollout.texts, rewards)
+            held_out = {"eval": f"{self.scores.get('accuracy', self.scores['reward']):.3f}"} if self.scores else {}
             self.bar.set_postfix({**{label: f"{metrics[key]:.4g}" for label, key in show.items() if key in metrics},
-                                  "eval": f"{self.scores.get('reward', math.nan):.3f}"})
+                                  **held_out})
         return metrics
 
     def checkpoint(self, step: int, model, tokenizer, optimizer=None, scheduler=None, modules: dict | None = None,
@@ -334,8 +350,8 @@ class Run:
             torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
             torch.distributed.destroy_process_group()
         if self.rank == 0:
-            end_of_run(self.script, self.folder, stopped, self.saved_step, self.scores.get("reward", math.nan),
-                       self.args.steps, self.args.steps != type(self.args).steps)
+            end_of_run(self.script, self.folder, stopped, self.saved_step, self.scores, self.args.steps,
+                       self.args.steps != type(self.args).steps)
         if stopped:
             raise SystemExit(130)
         return False
@@ -410,7 +426,13 @@ class Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None, score: float, steps: int,
+def held_out(scores: dict) -> str:
+    """The held-out figures in words: accuracy where answers were checked, then the mean total reward, then pass@k."""
+    figures = ([f"accuracy {scores['accuracy']:.3f}"] if "accuracy" in scores else []) + [f"reward {scores['reward']:.3f}"]
+    return ", ".join(figures + [f"{k} {v:.3f}" for k, v in scores.items() if k.startswith(("avg@", "pass@"))])
+
+
+def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None, scores: dict, steps: int,
                steps_changed: bool) -> None:
     """The run's last line: its held-out score and checkpoint, or after a Ctrl-C the command that resumes it."""
     checkpoint = run_dir / "checkpoint"
@@ -420,8 +442,8 @@ def end_of_run(script: str, run_dir: Path, stopped: bool, saved_step: int | None
         print(f"stopped; the checkpoint of step {saved_step} is in {checkpoint}. Resume with: "
               f"python {script}.py --resume {run_dir}" + (f" --steps {steps}" if steps_changed else ""))
     else:
-        held_out = "no held-out evaluation" if math.isnan(score) else f"held-out score {score:.3f}"
-        print(f"done: {held_out} after {steps} steps; checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
+        figures = f"held-out {held_out(scores)}" if scores else "no held-out evaluation"
+        print(f"done: {figures} after {steps} steps; checkpoint: {checkpoint}; tensorboard --logdir {run_dir}")
 
 
 def lr_scheduler(optimizer, schedule: str, warmup_steps: int, steps: int):

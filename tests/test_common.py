@@ -171,7 +171,7 @@ def test_prompts_without_answers_need_a_reward_model(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
     with pytest.raises(SystemExit, match="--reward-model"):
-        plumbing.check_rewards(str(path), plumbing.load_prompts("arithmetic", str(path), seed=0)[0], None)
+        plumbing.check_rewards(str(path), plumbing.load_prompts("arithmetic", str(path), seed=0)[0], None, 1.0)
     assert tasks.rule_rewards("arithmetic", str(path), plumbing.load_prompts("arithmetic", str(path), seed=0)[0]) == {}
     with pytest.raises(SystemExit, match="--rule-weight 0 leaves no reward"):
         plumbing.check_rewards(None, [], None, rule_weight=0.0)

@@ -214,10 +214,10 @@ def test_grpo_learns_the_letter_reward(llama_folder, tmp_path):
     (["--group-size", "1"], "at least 2 completions"),
     (["--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "8"], "not divisible by --micro-batch-size"),
     (["--model", "no-such-org/no-such-model"], "not a local folder and not loadable"),
-    (["--model", "./missing-folder"], "no config.json"),
+    (["--model", "./missing-folder"], "--model ./missing-folder: no such folder"),
     (["--data", "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
     (["--data", "nowhere.jsonl"], "nowhere.jsonl: no such file"),
-    (["--task", "poetry"], "unknown"),
+    (["--task", "poetry"], "invalid choice 'poetry' for argument '--task'"),
 ])
 def test_bad_input_fails_early_and_writes_nothing(argv, message, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n{oops\n")
@@ -298,7 +298,7 @@ def test_reward_fn_end_to_end_and_dynamic_sampling_fills_the_batch_with_informat
     runs = {}
     for dynamic in (False, True):
         args = grpo.Args(model=llama_folder, task="letter", steps=3, prompts_per_step=4, group_size=2, max_new_tokens=6,
-                         reward_fn=f"{tmp_path / 'rewards.py'}:by_parity", rule_weight=0.0, dynamic_sampling=dynamic,
+                         reward_fn=(f"{tmp_path / 'rewards.py'}:by_parity",), rule_weight=0.0, dynamic_sampling=dynamic,
                          dynamic_sampling_rounds=8 if dynamic else 4, eval_prompts=4, output_dir=str(tmp_path),
                          run_name=str(dynamic))
         runs[dynamic] = grpo.main(args)

@@ -65,7 +65,7 @@ def test_scores_do_not_depend_on_padding_side_or_batch(trained_rm):
 def test_reloaded_reward_model_reproduces_the_saved_normalisation(trained_rm):
     """The normalisation was computed by the in-memory model on the training responses; the model
     read back from disk must give those responses mean 0 and std 1 again."""
-    pairs = reward_model.read_pairs(str(trained_rm.parent / "pairs.jsonl"))
+    pairs = plumbing.read_pairs(str(trained_rm.parent / "pairs.jsonl"))
     random.Random(1).shuffle(pairs)  # main()'s split: seed 1, 10 % held out first
     train = pairs[max(1, int(len(pairs) * 0.1)):]
     scorer = plumbing.RewardScorer(str(trained_rm / "checkpoint"), torch.device("cpu"))
@@ -103,9 +103,9 @@ def test_a_prompt_the_reward_model_cannot_read_with_its_completion_is_refused(tr
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "p", "chosen": "a"}\n', 'p.jsonl:1: needs string fields'),
+    ('{"prompt": "p", "chosen": "a"}\n', 'p.jsonl:1: needs "prompt", "chosen" and "rejected"'),
     ("", "no usable pairs"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "a"}\n' * 3, "chosen == rejected on every line"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "a"}\n' * 3, "chosen == rejected in every row"),
 ])
 def test_bad_pairs_fail_early_and_write_nothing(content, message, tmp_path):
     (tmp_path / "p.jsonl").write_text(content)

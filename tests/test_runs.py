@@ -174,7 +174,7 @@ BAD = {  # kind: (flags, message)
 RM_BAD = {"not finite": ({"lr": float("inf")}, "--lr inf: must be in (0, inf)"),
           "out of range": ({"eval_fraction": 1.0}, "--eval-fraction 1.0: must be in (0, 1)"),
           "not utf-8": ({"data": "latin1.jsonl"}, "latin1.jsonl:1: not UTF-8"),
-          "field type": ({"data": "typed.jsonl"}, 'needs string fields "prompt", "chosen", "rejected"'),
+          "field type": ({"data": "typed.jsonl"}, 'typed.jsonl:1: needs "prompt", "chosen" and "rejected": strings, or chat messages'),
           "not a model": ({"model": "./empty"}, "no config.json"),
           "broken model": ({"model": "./broken"}, "cannot be loaded as a model"),
           "output is a file": ({"output_dir": "afile"}, "--output-dir afile: a file, not a folder"),

@@ -139,7 +139,7 @@ def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_r
 @pytest.mark.parametrize("argv, message", [
     (["--advantage", "group"], "needs --group-size ≥ 2"),
     (["--fisher-fraction", "0"], "--fisher-fraction 0.0: must be in (0, 1]"),
-    (["--model", "./nowhere"], "no config.json"),
+    (["--model", "./nowhere"], "--model ./nowhere: no such folder"),
 ])
 def test_trpo_bad_input_fails_early_and_writes_nothing(argv, message, tmp_path):
     result = run_script("trpo.py", *argv, cwd=tmp_path)
