@@ -208,12 +208,12 @@ def main(args: Args) -> Path:
               + f"; tensorboard --logdir {run_dir}")
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, nothing saved
         print("stopped at once; no reward model was saved")
-        raise SystemExit(130) from None
+        raise SystemExit(interrupt.status or 130) from None
     finally:
         interrupt.close()
         writer.close()
     if interrupt.requested:
-        raise SystemExit(130)
+        raise SystemExit(interrupt.status)
     return run_dir
 
 

@@ -83,6 +83,7 @@ def resume(args, script: str, may_change: tuple[str, ...]):
 
 def load_weights(model, folder: Path) -> None:
     """A checkpoint's trained weights (or LoRA adapters) into `model`, in place: for --resume."""
+    check_weight_files(folder)
     if (folder / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -92,3 +93,17 @@ def load_weights(model, folder: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict())
+
+
+def check_weight_files(folder: str) -> None:
+    """Refuse, in one line naming the file, a weights file that is cut short or damaged (a copy that did not
+    finish): safetensors reads each file's header, a few kilobytes, without loading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise SystemExit(f"{path}: damaged or incomplete ({str(e).strip().splitlines()[0]}); copy or save the "
+                             "model again") from None

@@ -16,7 +16,7 @@ import torch
 
 import common
 import tasks
-from plumbing.checkpoints import REWARD_NORM_FILE, load_weights
+from plumbing.checkpoints import REWARD_NORM_FILE, check_weight_files, load_weights
 from plumbing.inputs import check_fits
 from plumbing.processes import distribute, one_voice, shard
 
@@ -129,6 +129,7 @@ def load_model(name: str, device: torch.device, kind: str = "causal", **kwargs):
             embedded_model_folder()
         torch.distributed.barrier()
     folder = embedded_model_folder() if name == EMBEDDED_MODEL else check_model_name(name)
+    check_weight_files(folder)
     kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa", **kwargs}  # sdpa: see forward_completion
     try:
         if kind == "causal":

@@ -224,13 +224,22 @@ class Run:
         torch.manual_seed(self.args.seed + self.rank)
         if not self.resuming:
             return {}
+        restored = ["the weights", *(f"the {name}" for name in modules or {})]
         if optimizer is not None:
             load_optimizer_state(trained_modules(model, modules), optimizer, self.saved["optimizer"])
+            restored.append("the optimizer's state")
         if scheduler is not None:
             scheduler.load_state_dict(self.saved["scheduler"])
+            restored.append("the learning-rate schedule")
         set_rng_states(self.saved["rng"], self.rng)
+        names = {"beta": "β (the KL coefficient)", "value_optimizer": "the value head's optimizer"}  # scripts' own state
+        restored += [names.get(k, k) for k in self.saved if k not in ("script", "step", "args", "optimizer", "scheduler", "rng")]
         self.first_step = self.saved["step"] + 1
         self.saved_step = self.saved["step"]
+        if self.rank == 0:
+            left = self.args.steps - self.saved_step
+            print(f"resuming {self.folder} after step {self.saved_step}: {left} step(s) left, to step {self.args.steps}; "
+                  f"restored {', '.join(restored)} and the random states of {self.world} process(es)", flush=True)
         return self.saved
 
     def __enter__(self):
@@ -337,9 +346,10 @@ class Run:
             save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, self.folder / "checkpoint-merged", files)
 
     def __exit__(self, kind, error, traceback):
-        """Close the logs whatever happened; a second Ctrl-C (KeyboardInterrupt) keeps the last checkpoint as it
-        was. After a normal end or a Ctrl-C: leave the process group together, print the last line, and exit
-        with status 130 after a Ctrl-C. Any other error goes on up, the last checkpoint and the logs in place."""
+        """Close the logs whatever happened; a second signal (KeyboardInterrupt) keeps the last checkpoint as it
+        was. After a normal end or a stop: leave the process group together, print the last line, and exit with
+        128 + the signal's number after a stop (130: Ctrl-C; 143: SIGTERM; a process that was not signalled
+        itself but stopped with the others: 130). Any other error goes on up, the last checkpoint and the logs in place."""
         self.interrupt.close()
         if self.writer is not None:
             self.writer.close()
@@ -353,7 +363,7 @@ class Run:
             end_of_run(self.script, self.folder, stopped, self.saved_step, self.scores, self.args.steps,
                        self.args.steps != type(self.args).steps)
         if stopped:
-            raise SystemExit(130)
+            raise SystemExit(self.interrupt.status or 130)
         return False
 
 
@@ -405,25 +415,32 @@ def log_samples(writer: SummaryWriter, step: int, prompts: list[str], completion
 
 
 class Interrupt:
-    """Ctrl-C, twice over: the first lets the current step finish, after which the loop saves and stops
-    (`stop_now`); the second stops at once (KeyboardInterrupt), leaving the last checkpoint as it was."""
+    """Ctrl-C, and the signals a scheduler sends before it kills a job (SIGTERM: Slurm, Kubernetes, torchrun's
+    agent; SIGUSR1: Slurm's --signal, ahead of the end): the first lets the current step finish, after which
+    the loop saves and stops (`stop_now`); a second stops at once (KeyboardInterrupt), the last checkpoint as it
+    was. `status`: the exit status that says which signal stopped the run (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handler)
+        self.requested, self.status = False, 0
+        self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
 
     def handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        self.requested, self.status = True, 128 + signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving (a second one stops at once)", file=sys.stderr, flush=True)
 
     def stop_now(self, device: torch.device) -> bool:
-        """True when any process was interrupted: all processes stop after the same step."""
+        """True when any process was signalled (each receives the signal at a slightly different time): all
+        processes stop after the same step, between collectives."""
         return all_mean(torch.tensor(float(self.requested), device=device)).item() > 0
 
     def close(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
 def held_out(scores: dict) -> str:

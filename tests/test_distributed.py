@@ -124,3 +124,63 @@ def test_fsdp_where_it_cannot_run_is_refused_before_anything_loads(script, flags
         module.main(module.Args(model=str(tmp_path / "never-read"), output_dir=str(tmp_path / "runs"), **flags))
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_torchrun_nodes_on_localhost_train_as_one_run(fsdp, llama_folder, tmp_path):
+    """Several machines, as the README shows them: one torchrun per node, a shared rendezvous endpoint,
+    --nnodes 2 and each its --node-rank; here two one-process "nodes" on this machine."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    flags = [str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--steps", "2", "--prompts-per-step", "2",
+             "--group-size", "2", "--micro-batch-size", "2", "--eval-prompts", "2", "--max-new-tokens", "6",
+             "--run-name", "nodes", *(["--fsdp"] if fsdp else [])]
+    nodes = []
+    for rank in (0, 1):  # each "node" in a folder of its own, as on separate machines
+        (tmp_path / f"node{rank}").mkdir()
+        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                                       str(rank), "--nproc-per-node", "1", "--rdzv-backend", "static", "--rdzv-endpoint",
+                                       f"127.0.0.1:{port}", *flags], cwd=tmp_path / f"node{rank}", env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    run = tmp_path / "node0" / "runs" / "nodes"  # the global rank 0 writes; the other node writes nothing
+    assert (run / "checkpoint" / "config.json").is_file() and not (tmp_path / "node1" / "runs").exists()
+    assert len(scalars(run, "reward/mean")) == 2
+    if not fsdp:
+        assert scalars(run, "dist/replica_spread") == [0.0, 0.0]
+
+
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(llama_folder, tmp_path):
+    """A scheduler ends a job with SIGTERM to torchrun, which passes it on to each process (at slightly different
+    times): both finish the same step, the checkpoint of that step is written, the resume command printed."""
+    import signal
+    import time
+
+    (tmp_path / "rf.py").write_text(
+        "import os, pathlib\ncalls = []\n"
+        "def mark_step_3(completions, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3 and os.environ['RANK'] == '0':\n"
+        "        pathlib.Path('step3').write_text('')\n"
+        "    return [float(len(c) % 3) for c in completions]\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--steps", "50", "--prompts-per-step",
+               "2", "--group-size", "2", "--micro-batch-size", "2", "--eval-prompts", "0", "--max-new-tokens", "6",
+               "--reward-fn", "rf.py:mark_step_3", "--save-interval", "1000", "--run-name", "term"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / "step3").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0, err[-2000:]
+    state = torch.load(tmp_path / "runs" / "term" / "checkpoint" / "training_state.pt", weights_only=True)
+    assert 3 <= state["step"] < 50 and len(state["rng"]) == 2, err[-2000:]
+    assert f"the checkpoint of step {state['step']} is in" in out and "Resume with: python grpo.py --resume" in out
+    assert "SIGTERM: finishing this step" in err

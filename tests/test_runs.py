@@ -4,6 +4,7 @@ before anything loads or is written."""
 import importlib
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -72,21 +73,32 @@ def test_resume_refuses_a_flag_that_changes_the_run_and_takes_steps(llama_folder
     assert len(scalars(run_dir, "reward/mean")) == 2
 
 
-@pytest.mark.parametrize("script", RL)
-def test_first_ctrl_c_finishes_the_step_saves_it_and_exits_130(script, llama_folder, tmp_path, monkeypatch, capsys):
-    interrupt_during(monkeypatch, 4 + 8 * 2 + 3, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 3
+@pytest.mark.parametrize("script, signum", [("grpo", signal.SIGINT), ("ppo", signal.SIGINT), ("trpo", signal.SIGINT),
+                                            ("grpo", signal.SIGTERM), ("ppo", signal.SIGUSR1)])
+def test_first_signal_finishes_the_step_saves_it_and_exits_with_its_status(script, signum, llama_folder, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Ctrl-C, or a scheduler's SIGTERM or SIGUSR1, during step 3: the step ends, is saved, the resume command is
+    printed, the exit status is 128 + the signal; --resume then says what it restored and goes on."""
+    interrupt_during(monkeypatch, 4 + 8 * 2 + 3, lambda: os.kill(os.getpid(), signum))  # during step 3
     module, args = rl_args(script, llama_folder, tmp_path, steps=6, save_interval=100, run_name="stop")
     with pytest.raises(SystemExit) as exit_:
         module.main(args)
-    assert exit_.value.code == 130
+    assert exit_.value.code == 128 + signum
     run_dir = tmp_path / "stop"
     state = torch.load(run_dir / "checkpoint" / plumbing.TRAINING_STATE, weights_only=True)
     assert state["step"] == 3 and len(scalars(run_dir, "completion/length_mean")) == 3
-    assert f"Resume with: python {script}.py --resume {run_dir}" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    out = capsys.readouterr()
+    assert f"Resume with: python {script}.py --resume {run_dir}" in out.out
+    assert (f"{signal.Signals(signum).name if signum != signal.SIGINT else 'Ctrl-C'}: finishing this step" in out.err)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     monkeypatch.undo()
     module.main(module.Args(resume=str(run_dir), steps=4))  # and the run goes on
     assert len(scalars(run_dir, "completion/length_mean")) == 4
+    said = capsys.readouterr().out
+    assert f"resuming {run_dir} after step 3: 1 step(s) left, to step 4; restored the weights" in said
+    assert ("the value head's optimizer" if script == "trpo" else "the optimizer's state") in said
+    assert "the random states of 1 process(es)" in said
 
 
 @pytest.mark.parametrize("script", RL)
@@ -166,6 +178,8 @@ BAD = {  # kind: (flags, message)
     "field type": ({"data": "typed.jsonl"}, 'typed.jsonl:1: "answer" must be a string or a number'),
     "not a model": ({"model": "./empty"}, "no config.json"),
     "broken model": ({"model": "./broken"}, "cannot be loaded as a model"),
+    "damaged weights": ({"model": "./damaged"}, "damaged/model.safetensors: damaged or incomplete ("),
+    "blank prompt": ({"data": "blank.jsonl"}, 'blank.jsonl:2: the "prompt" is empty or only white space'),
     "not a reward model": ({"reward_model": "./empty"}, "not a folder written by reward_model.py"),
     "output is a file": ({"output_dir": "afile"}, "--output-dir afile: a file, not a folder"),
     "no such device": ({"device": "tpu"}, "--device tpu: not a device"),
@@ -177,11 +191,12 @@ RM_BAD = {"not finite": ({"lr": float("inf")}, "--lr inf: must be in (0, inf)"),
           "field type": ({"data": "typed.jsonl"}, 'typed.jsonl:1: needs "prompt", "chosen" and "rejected": strings, or chat messages'),
           "not a model": ({"model": "./empty"}, "no config.json"),
           "broken model": ({"model": "./broken"}, "cannot be loaded as a model"),
+          "damaged weights": ({"model": "./damaged"}, "damaged/model.safetensors: damaged or incomplete ("),
           "output is a file": ({"output_dir": "afile"}, "--output-dir afile: a file, not a folder"),
           "no such device": ({"device": "tpu"}, "--device tpu: not a device")}
 
 
-def bad_inputs(folder):
+def bad_inputs(folder, llama_folder):
     (folder / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9?", "answer": "1"}\n'.encode("latin-1"))
     (folder / "typed.jsonl").write_text(json.dumps({"prompt": "1+1?", "chosen": 2, "rejected": "3",
                                                     "answer": {"a": 2}}) + "\n")
@@ -189,6 +204,11 @@ def bad_inputs(folder):
     (folder / "broken").mkdir()
     (folder / "broken" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     (folder / "afile").write_text("")
+    (folder / "blank.jsonl").write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n"
+                                        + json.dumps({"prompt": " \t ", "answer": "2"}) + "\n")
+    shutil.copytree(llama_folder, folder / "damaged")  # a copy that did not finish: the weights file cut short
+    weights = folder / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return sorted(p.name for p in folder.iterdir())
 
 
@@ -199,7 +219,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(script, kind, t
     if kind not in table:
         pytest.skip(f"{script} has no such input")
     flags, message = table[kind]
-    before = bad_inputs(tmp_path)
+    before = bad_inputs(tmp_path, llama_folder)
     monkeypatch.chdir(tmp_path)
     module = importlib.import_module(script)
     flags = {"model": llama_folder, **flags} if "model" not in flags else flags
