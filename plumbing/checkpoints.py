@@ -12,16 +12,25 @@ from plumbing.processes import world_size
 
 
 TRAINING_STATE = "training_state.pt"  # in checkpoint/ beside the model: what --resume needs besides the weights
+SHARDS = "shards"  # in checkpoint/ under --fsdp: torch.distributed.checkpoint's files, each process's own
 REWARD_NORM_FILE = "reward_normalization.json"  # saved next to a reward model by reward_model.py
 
 
-def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, folder: Path, extra: dict | None = None, state_dict: dict | None = None,
+                    weights: bool = True, keep_tmp: bool = False) -> None:
     """`save_pretrained` into folder.tmp, then swap: a crash mid-save keeps the last good checkpoint.
     extra: {file name: object} saved beside the model: `.json` names as JSON, others with torch.save.
-    state_dict: the weights to write (under FSDP, `full_state_dict`'s); default: the model's own."""
+    state_dict: the weights to write (under FSDP, `full_state_dict`'s); default: the model's own.
+    weights=False: the config and tokenizer only (the weights are in the sharded files, `save_sharded`);
+    keep_tmp: folder.tmp already holds files to keep (those shards)."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
+    if not keep_tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if weights:
+        model.save_pretrained(tmp, state_dict=state_dict)
+    else:
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
         if name.endswith(".json"):
@@ -75,10 +84,35 @@ def resume(args, script: str, may_change: tuple[str, ...]):
         raise SystemExit("--resume: " + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run's: {saved[k]})"
                                                   for k in changed) + " would change the run; only "
                          + ", ".join(f"--{k.replace('_', '-')}" for k in may_change) + " may")
-    if len(state["rng"]) != world_size():
-        raise SystemExit(f"--resume: the run had {len(state['rng'])} process(es), this one {world_size()}; use as many")
-    return replace(type(args)(**saved), resume=args.resume, **{k: given[k] for k in may_change
-                                                               if given[k] != defaults[k]}), state
+    if len(state["rng"]) != world_size() and not (Path(args.resume) / "checkpoint" / SHARDS).is_dir():
+        raise SystemExit(f"--resume: the run had {len(state['rng'])} process(es), this one {world_size()}; use as many "
+                         "(a checkpoint of an --fsdp run can be resumed with any number)")
+    resumed = replace(type(args)(**saved), resume=args.resume, **{k: given[k] for k in may_change if given[k] != defaults[k]})
+    if resumed.fsdp and world_size() == 1:  # the sharded checkpoint, read back whole into one process
+        resumed = replace(resumed, fsdp=False)
+    return resumed, state
+
+
+def save_sharded(folder: Path, module, optimizer) -> None:
+    """Each process writes its own shards of the weights and of the optimizer's state into folder/shards
+    (torch.distributed.checkpoint, DCP): nothing is gathered on one process. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / SHARDS))
+
+
+def load_sharded(folder: Path, module, optimizer) -> None:
+    """`save_sharded`'s weights and optimizer state into module and optimizer, in place, resharded to this run's
+    processes: FSDP over any number of them, or one process holding the whole model (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder / SHARDS))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_weights(model, folder: Path) -> None:

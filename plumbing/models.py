@@ -215,7 +215,7 @@ def load_policy(args, run, reference: bool = True, ddp: bool = True) -> Policy:
     if lora:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
     ref_model = None if not reference else model if lora else copy.deepcopy(model).requires_grad_(False)
-    if run.resuming:
+    if run.resuming and not run.sharded_checkpoint:  # a sharded one is read by run.restore, after sharding
         load_weights(model, run.folder / "checkpoint")
     bf16 = common.uses_bf16(run.device, args.dtype)
     train_model = distribute(model, args.fsdp, bf16) if ddp or args.fsdp else model

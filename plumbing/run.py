@@ -8,6 +8,7 @@ import copy
 import functools
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 import static_decode
 import tasks
-from plumbing.checkpoints import TRAINING_STATE, rng_states, save_checkpoint, set_rng_states
+from plumbing.checkpoints import (SHARDS, TRAINING_STATE, load_sharded, rng_states, save_checkpoint, save_sharded,
+                                  set_rng_states)
 from plumbing.checkpoints import resume as read_resume
 from plumbing.data import load_prompts
 from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards,
@@ -210,9 +212,15 @@ class Run:
     def resuming(self) -> bool:
         return self.saved is not None
 
+    @property
+    def sharded_checkpoint(self) -> bool:
+        """The checkpoint to resume from holds shards (an --fsdp run's): `restore` reads the weights with them."""
+        return self.resuming and (self.folder / "checkpoint" / SHARDS).is_dir()
+
     def resumed(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
-        """module, with the weights the last checkpoint saved for it (name.pt) when resuming: before sharding."""
-        if self.resuming:
+        """module, with the weights the last checkpoint saved for it (name.pt) when resuming: before sharding.
+        (A sharded checkpoint's are read by `restore`.)"""
+        if self.resuming and not self.sharded_checkpoint:
             module.load_state_dict(torch.load(self.folder / "checkpoint" / f"{name}.pt", map_location=self.device))
         return module
 
@@ -225,13 +233,24 @@ class Run:
         if not self.resuming:
             return {}
         restored = ["the weights", *(f"the {name}" for name in modules or {})]
-        if optimizer is not None:
+        if self.sharded_checkpoint:  # weights, modules and optimizer state, resharded to this run's processes
+            load_sharded(self.folder / "checkpoint", trained_modules(model, modules), optimizer)
+            restored.append("the optimizer's state")
+        elif optimizer is not None:
             load_optimizer_state(trained_modules(model, modules), optimizer, self.saved["optimizer"])
             restored.append("the optimizer's state")
         if scheduler is not None:
             scheduler.load_state_dict(self.saved["scheduler"])
             restored.append("the learning-rate schedule")
-        set_rng_states(self.saved["rng"], self.rng)
+        if len(self.saved["rng"]) == self.world:
+            set_rng_states(self.saved["rng"], self.rng)
+            restored.append(f"the random states of {self.world} process(es)")
+        else:  # another number of processes: each draws afresh, from the seed, its rank and the step
+            fresh = self.args.seed + self.rank + 1000 * self.saved["step"]
+            self.rng.manual_seed(fresh)
+            torch.manual_seed(fresh)
+            restored.append(f"not the random states (the run had {len(self.saved['rng'])} processes, this one "
+                            f"{self.world}: sampling is seeded afresh, so the run goes on differently from an uninterrupted one)")
         names = {"beta": "β (the KL coefficient)", "value_optimizer": "the value head's optimizer"}  # scripts' own state
         restored += [names.get(k, k) for k in self.saved if k not in ("script", "step", "args", "optimizer", "scheduler", "rng")]
         self.first_step = self.saved["step"] + 1
@@ -239,7 +258,7 @@ class Run:
         if self.rank == 0:
             left = self.args.steps - self.saved_step
             print(f"resuming {self.folder} after step {self.saved_step}: {left} step(s) left, to step {self.args.steps}; "
-                  f"restored {', '.join(restored)} and the random states of {self.world} process(es)", flush=True)
+                  f"restored {', '.join(restored)}", flush=True)
         return self.saved
 
     def __enter__(self):
@@ -320,20 +339,29 @@ class Run:
 
     def checkpoint(self, step: int, model, tokenizer, optimizer=None, scheduler=None, modules: dict | None = None,
                    state: dict | None = None) -> None:
-        """Save every --save-interval steps, at the end, and after a Ctrl-C (which stops the run after this
-        step): the model (LoRA: its adapters) with save_pretrained, each of `modules` as name.pt beside it,
-        and the training state --resume needs (optimizer, schedule, every random state, `state`).
-        Collective under torchrun; rank 0 writes, atomically (save_checkpoint)."""
+        """Save every --save-interval steps, at the end, and after a stop (Ctrl-C, SIGTERM: the run stops after
+        this step): the model (LoRA: its adapters) with save_pretrained, each of `modules` as name.pt beside it,
+        and the training state --resume needs (optimizer, schedule, every random state, `state`). Under --fsdp
+        each process writes its shards of the weights, modules and optimizer state (DCP, `save_sharded`) and
+        nothing is gathered, except at the last step: the weights alone, gathered on rank 0 for a plain
+        save_pretrained folder. Collective under torchrun; rank 0 writes the rest and swaps it in atomically."""
         self.stop = self.interrupt.stop_now(self.device)
         if not (step % self.args.save_interval == 0 or step == self.args.steps or self.stop):
             return
         self.saved_step, modules = step, modules or {}
-        weights = full_state_dict(model)  # under FSDP gathered on rank 0; else None: the model's own
-        module_weights = [full_state_dict(m) for m in modules.values()]  # likewise, each module's
+        sharded, last = self.args.fsdp and self.world > 1, step == self.args.steps
         training = {"script": self.script, "step": step, "args": asdict(self.args), **(state or {})}
         if scheduler is not None:
             training["scheduler"] = scheduler.state_dict()
-        if optimizer is not None:
+        tmp = self.folder / "checkpoint.tmp"
+        if sharded:  # each process its shards, into a folder emptied first
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            torch.distributed.barrier()
+            save_sharded(tmp, trained_modules(model, modules), optimizer)
+        weights = full_state_dict(model) if not sharded or last else None  # FSDP, last step: gathered on rank 0
+        module_weights = [full_state_dict(m) for m in modules.values()] if not sharded or last else []
+        if optimizer is not None and not sharded:
             training["optimizer"] = optimizer_state(trained_modules(model, modules), optimizer)
         training["rng"] = rng_states(self.rng)
         if self.rank != 0:
@@ -341,8 +369,8 @@ class Run:
         files = {f"{name}.pt": w if w is not None else {k: v.cpu() for k, v in m.state_dict().items()}
                  for (name, m), w in zip(modules.items(), module_weights)}
         save_checkpoint(model, tokenizer, self.folder / "checkpoint", {**files, TRAINING_STATE: training},
-                        state_dict=weights)
-        if getattr(self.args, "lora_merge", False) and step == self.args.steps:  # adapters merged: a plain model
+                        state_dict=weights, weights=not sharded or last, keep_tmp=sharded)
+        if getattr(self.args, "lora_merge", False) and last:  # adapters merged: a plain model
             save_checkpoint(copy.deepcopy(model).merge_and_unload(), tokenizer, self.folder / "checkpoint-merged", files)
 
     def __exit__(self, kind, error, traceback):

@@ -77,6 +77,23 @@ def test_fsdp_run_equals_the_ddp_run_loads_in_one_process_and_resumes(script, ex
     model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "checkpoint")  # one process, no FSDP
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.architectures == ["LlamaForCausalLM"]
     assert scalars(runs / "fsdp", "eval/reward") == scalars(runs / "ddp", "eval/reward")  # all processes evaluate under FSDP
+    # The sharded checkpoint (each process's shards, DCP) read back whole into one process: the weights are the
+    # gathered export's, the optimizer state is there; then --resume in one process goes on from it.
+    from plumbing.checkpoints import SHARDS, load_sharded
+    from plumbing.run import trained_modules
+
+    assert (runs / "fsdp" / "checkpoint" / SHARDS).is_dir()
+    fresh = AutoModelForCausalLM.from_pretrained(llama_folder)
+    modules = {"value_head": torch.nn.Linear(fresh.config.hidden_size, 1)} if script == "ppo.py" else {}
+    optimizer = torch.optim.AdamW([*fresh.parameters(), *(p for m in modules.values() for p in m.parameters())])
+    load_sharded(runs / "fsdp" / "checkpoint", trained_modules(fresh, modules), optimizer)
+    assert all(torch.equal(fresh.state_dict()[k], sharded[k]) for k in sharded)
+    steps = 2 if script == "grpo.py" else 2 * 4 * 2  # PPO: 4 epochs of 2 minibatches (of 1 row on each process)
+    assert all(s["step"].item() == steps and s["exp_avg"].abs().max() > 0 for s in optimizer.state.values())
+    result = subprocess.run([sys.executable, str(ROOT / script), "--resume", "runs/fsdp", "--steps", "3"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "the run had 2 processes, this one 1: sampling is seeded afresh" in result.stdout
 
 
 def test_prompts_not_divisible_by_processes_is_a_clear_error(tmp_path):
@@ -139,25 +156,25 @@ def test_two_torchrun_nodes_on_localhost_train_as_one_run(fsdp, llama_folder, tm
     flags = [str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--steps", "2", "--prompts-per-step", "2",
              "--group-size", "2", "--micro-batch-size", "2", "--eval-prompts", "2", "--max-new-tokens", "6",
              "--run-name", "nodes", *(["--fsdp"] if fsdp else [])]
-    nodes = []
-    for rank in (0, 1):  # each "node" in a folder of its own, as on separate machines
-        (tmp_path / f"node{rank}").mkdir()
-        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-                                       str(rank), "--nproc-per-node", "1", "--rdzv-backend", "static", "--rdzv-endpoint",
-                                       f"127.0.0.1:{port}", *flags], cwd=tmp_path / f"node{rank}", env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--rdzv-backend", "static", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               *flags], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in (0, 1)]  # one folder: the file system a cluster's nodes share (--fsdp's shards need it)
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    run = tmp_path / "node0" / "runs" / "nodes"  # the global rank 0 writes; the other node writes nothing
-    assert (run / "checkpoint" / "config.json").is_file() and not (tmp_path / "node1" / "runs").exists()
-    assert len(scalars(run, "reward/mean")) == 2
-    if not fsdp:
+    run = tmp_path / "runs" / "nodes"
+    assert (run / "checkpoint" / "config.json").is_file() and len(scalars(run, "reward/mean")) == 2
+    if fsdp:  # each node's process wrote its own shards
+        assert len(list((run / "checkpoint" / "shards").glob("*.distcp"))) == 2
+    else:
         assert scalars(run, "dist/replica_spread") == [0.0, 0.0]
 
 
-def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(llama_folder, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(fsdp, llama_folder, tmp_path):
     """A scheduler ends a job with SIGTERM to torchrun, which passes it on to each process (at slightly different
-    times): both finish the same step, the checkpoint of that step is written, the resume command printed."""
+    times): both finish the same step, the checkpoint of that step is written (under --fsdp each process's shards,
+    nothing gathered: no model.safetensors), the resume command printed; the resumed run goes on from it."""
     import signal
     import time
 
@@ -172,7 +189,8 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(ROOT / "grpo.py"), "--model", llama_folder, "--task", "letter", "--steps", "50", "--prompts-per-step",
                "2", "--group-size", "2", "--micro-batch-size", "2", "--eval-prompts", "0", "--max-new-tokens", "6",
-               "--reward-fn", "rf.py:mark_step_3", "--save-interval", "1000", "--run-name", "term"]
+               "--reward-fn", "rf.py:mark_step_3", "--save-interval", "1000", "--run-name", "term",
+               *(["--fsdp"] if fsdp else [])]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (tmp_path / "step3").exists() and process.poll() is None and time.time() < deadline:
@@ -184,3 +202,8 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(
     assert 3 <= state["step"] < 50 and len(state["rng"]) == 2, err[-2000:]
     assert f"the checkpoint of step {state['step']} is in" in out and "Resume with: python grpo.py --resume" in out
     assert "SIGTERM: finishing this step" in err
+    checkpoint = tmp_path / "runs" / "term" / "checkpoint"
+    assert (checkpoint / "model.safetensors").is_file() != fsdp and (checkpoint / "shards").is_dir() == fsdp
+    result = torchrun(str(ROOT / "grpo.py"), "--resume", "runs/term", "--steps", str(state["step"] + 1), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming runs/term after step {state['step']}: 1 step(s) left" in result.stdout
