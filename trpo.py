@@ -376,7 +376,7 @@ def main(args: Args):
 
             # --- 6. evaluation and logging (each figure is this process's, then averaged over processes) ---
             metrics = {
-                "objective/scores": scores.mean(), "objective/kl_to_ref": kl.sum(1).mean(),
+                "objective/scores": scores.mean(), "objective/log_ratio_to_ref": kl.sum(1).mean(),  # k1 per sequence: may be < 0
                 "objective/kl_k3_per_token": ((-kl).exp() + kl - 1).sum() / mask.sum(),  # k3 of log π_ref − log π
                 "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
                 "trpo/expected_improvement": result["expected_improvement"],
@@ -384,6 +384,7 @@ def main(args: Args):
                 "trpo/kl_after": result["kl"], "trpo/accepted": float(result["accepted"]),
                 "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
                 "trpo/cg_residual": result["cg_residual"], "trpo/grad_norm": result["grad_norm"],
+                "trpo/cg_relative_residual": result["cg_residual"] / max(result["grad_norm"], 1e-12),  # |b − Ax| / |b|
                 "value/loss": value_loss, "time/cg_s": result["cg_s"], "time/line_search_s": result["line_search_s"],
                 **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
             }
