@@ -47,7 +47,7 @@ class RLArgs:
     eval_data: str | None = None
     """held-out prompts for --data, from the same kinds of source (then all of --data trains)"""
     reward_model: str | None = None
-    """folder written by reward_model.py; its normalised score is added to the rule rewards"""
+    """folder written by reward_model.py; its normalised score counts in the total reward (the rule reward beside it only with --rule-weight)"""
     reward_model_weight: float = 1.0
     """weight of the reward-model score in the total reward"""
     rule_weight: float | None = None
