@@ -13,6 +13,7 @@ every 16 steps, not every step.
 """
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -44,10 +45,16 @@ def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, d
         return common.decode_loop(model, cache, logits, prompt_mask, max_new_tokens, eos, draw)
     B, P = prompt_mask.shape
     static = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    # Under autocast the keys come out of the rotary product in fp32; attention casts them to bf16 as it reads
+    # them. Stored in bf16, the cache is half the size and nothing is cast each step: the same numbers.
+    device_type = prompt_mask.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     for layer, prefilled in zip(static.layers, cache.layers):  # the prompt's keys and values, at slots 0..P-1
-        layer.lazy_initialization(prefilled.keys, prefilled.values)
+        layer.lazy_initialization(prefilled.keys.to(dtype), prefilled.values.to(dtype))
         layer.keys[:, :, :P], layer.values[:, :, :P] = prefilled.keys, prefilled.values
         layer.cumulative_length.fill_(P)  # the next slot written
+        if dtype is not None:  # StaticLayer.update copies with index_copy_, which wants the cache's own dtype
+            layer.update = functools.partial(update_as, layer.update, dtype)
     attend = torch.cat([prompt_mask, prompt_mask.new_zeros(B, max_new_tokens)], 1).bool()  # [B, P + T]: slots attended
     ids, position = prompt_mask.new_zeros(B, 1), prompt_mask.sum(1, keepdim=True)  # inputs at fixed addresses
 
@@ -102,6 +109,11 @@ def decode_static(model, cache, logits, prompt_mask, max_new_tokens: int, eos, d
         logits = step()
         position.add_(1)
     return completion_ids, sampler_logprobs
+
+
+def update_as(update, dtype, keys, values, *args, **kwargs):
+    """A cache layer's update, given the new keys and values in the cache's dtype."""
+    return update(keys.to(dtype), values.to(dtype), *args, **kwargs)
 
 
 def capture_step(step, rewind):

@@ -520,3 +520,27 @@ def test_sampler_correction_truncates_or_masks_per_token_or_per_sequence():
     assert cut.item() == pytest.approx(2 / 5)
     w, cut = common.sampler_correction(trainer, sampler, mask, "none", 2.0)
     assert torch.equal(w, torch.ones(2, 3)) and cut.item() == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_decoding_under_bf16_autocast_keeps_a_bf16_cache_and_the_loops_tokens(arch, monkeypatch):
+    """Under autocast the static cache holds bf16 keys and values (half the memory, no cast per step), and the
+    tokens are the loop's, whose fp32 cache attention casts to bf16 as it reads it."""
+    from transformers import cache_utils
+
+    model, tokenizer = tiny_policy(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    dtypes = []
+    original = cache_utils.StaticLayer.lazy_initialization
+    monkeypatch.setattr(cache_utils.StaticLayer, "lazy_initialization",
+                        lambda self, k, v: (dtypes.append(k.dtype), original(self, k, v))[1])
+    rollouts = []
+    for decode in (None, static_decode.decode_static):
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rollouts.append(common.generate(model, tokenizer, ["hi", "a longer prompt"], 12, group_size=2, decode=decode))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
+    torch.testing.assert_close(rollouts[0].sampler_logprobs, rollouts[1].sampler_logprobs, atol=1e-2, rtol=0)
