@@ -283,7 +283,7 @@ def main(args: Args):
                                                                group_size=group_rows) if ref_model is not None else None)
                 old_logprobs = (common.completion_logprobs(model, rollout, args.temperature, args.micro_batch_size,
                                                            group_size=group_rows) if args.num_iterations > 1 else None)
-            trainer_logprobs = old_logprobs if old_logprobs is not None else torch.zeros_like(mask, dtype=torch.float)
+            trainer_logprobs = torch.zeros(mask.shape, device=device)  # π_old as the trainer scores it, filled below
 
             # --- 4. μ optimizer steps, each adding up the gradients of the batch's micro-batches ---
             # The loss's token normaliser is the whole batch's (over all processes) / world: DDP's (FSDP's)
@@ -300,17 +300,16 @@ def main(args: Args):
                                                                        group_size=group_rows)  # [b, T] each
                         # With μ = 1 the old policy is the current one: ratio = 1, gradient of ρ·A is ∇logπ·A.
                         old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
-                        trainer_logprobs[rows] = old  # π_old as the trainer scores it: the sampler is corrected towards it
-                        is_weights, is_cut = common.sampler_correction(old, mb.sampler_logprobs, mb.completion_mask,
-                                                                       args.is_correction, args.is_cap)
+                        trainer_logprobs[rows] = old  # the sampler's tokens are weighted towards it
+                        is_weights, _ = common.sampler_correction(old, mb.sampler_logprobs, mb.completion_mask,
+                                                                  args.is_correction, args.is_cap)
                         kl = None if no_kl else kl_penalty(logprobs, ref_logprobs[rows], old, args.kl_estimator)
                         loss, s = grpo_loss(logprobs, old, advantages[rows], loss_mask[rows], kl=kl, beta=args.beta,
                                             epsilon=args.epsilon, epsilon_high=epsilon_high, loss_type=args.loss_type,
                                             max_new_tokens=args.max_new_tokens, num_rows=batch_size, num_tokens=num_tokens,
                                             importance_sampling_level=args.importance_sampling_level, is_weights=is_weights)
                         loss.backward()
-                    stats.append({**s, "loss": loss.detach(), "is_cut": is_cut,
-                                  "entropy": common.masked_mean(entropy, mb.completion_mask)})
+                    stats.append({**s, "loss": loss.detach(), "entropy": common.masked_mean(entropy, mb.completion_mask)})
                 grad_norm = plumbing.clip_grad_norm(params, args.max_grad_norm)
                 plumbing.check_finite(grad_norm, "the gradient norm")  # a NaN loss gives NaN gradients: stop here
                 optimizer.step()
@@ -327,6 +326,8 @@ def main(args: Args):
                 **{f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]},
                 "train/grad_norm": grad_norm, "train/lr": lr,
                 **common.sampler_mismatch(trainer_logprobs, rollout.sampler_logprobs, mask),
+                "sampler/is_cut": common.sampler_correction(trainer_logprobs, rollout.sampler_logprobs, mask,
+                                                            args.is_correction, args.is_cap)[1],
             }
             run.evaluate(step, model, tokenizer)
             run.log(step, metrics, groups.rows, rollout, rewards, groups.reward_terms, replicas=(model,),
