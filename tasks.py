@@ -223,8 +223,8 @@ def reward_model_inputs(tokenizer, prompts: list, completions: list[str], max_le
     right-truncated to max_length; padded to a multiple of `multiple` tokens (128 on CUDA: pytorch#196678,
     see common.PACK_MULTIPLE)."""
     texts = [common.format_prompt(tokenizer, p) + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                     add_special_tokens=False, pad_to_multiple_of=multiple if multiple > 1 else None)
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)  # cut, then padded:
+    return tokenizer.pad(enc, return_tensors="pt", pad_to_multiple_of=multiple)  # a multiple over max_length is fine
 
 
 def reward_model_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -544,3 +544,21 @@ def test_static_decoding_under_bf16_autocast_keeps_a_bf16_cache_and_the_loops_to
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
     torch.testing.assert_close(rollouts[0].sampler_logprobs, rollouts[1].sampler_logprobs, atol=1e-2, rtol=0)
+
+
+def test_reward_model_batches_pad_to_the_multiple_on_cuda_and_score_the_same():
+    """pytorch#196678 (cuDNN's NaN gradient at lengths ≡ 64 mod 128) is kept away from the reward model's padded
+    batches too: reward_model.py pads them to common.PACK_MULTIPLE["cuda"]; the scores do not move (the score is
+    read at each row's last real token)."""
+    from transformers import LlamaForSequenceClassification
+
+    _, tokenizer = tiny_policy("llama")
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_model("llama")[0].config.__class__(
+        **{**tiny_model("llama")[0].config.to_dict(), "num_labels": 1})).eval()
+    prompts, completions = ["hi", "a longer prompt"], ["yes", "no, not that"]
+    plain = tasks.reward_model_inputs(tokenizer, prompts, completions, 64)
+    padded = tasks.reward_model_inputs(tokenizer, prompts, completions, 64, common.PACK_MULTIPLE["cuda"])
+    assert padded["input_ids"].shape[1] == 128 and plain["input_ids"].shape[1] < 128
+    with torch.no_grad():
+        torch.testing.assert_close(tasks.reward_model_scores(model, **padded), tasks.reward_model_scores(model, **plain))
