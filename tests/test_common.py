@@ -499,6 +499,9 @@ def test_sampler_mismatch_by_hand():
     assert gap["sampler/abs_diff_mean"] == pytest.approx(0.5) and gap["sampler/abs_diff_max"] == 1.0
     assert gap["sampler/kl_k3"] == pytest.approx((log_r.exp() - log_r - 1).mean().item())
     assert gap["sampler/ratio_outside_0.5_2"] == pytest.approx(0.5)  # e^1 and e^-1 leave [0.5, 2]
+    # fp32 rounding-sized gaps (what the decoders show on a CPU): k3 ≈ x²/2 > 0, not exp(x) − x − 1's cancellation
+    tiny = common.sampler_mismatch(torch.full((1, 4), -1e-5), torch.zeros(1, 4), torch.ones(1, 4))["sampler/kl_k3"]
+    assert tiny.item() == pytest.approx(0.5e-10, rel=1e-3)
 
 
 def test_sampler_correction_truncates_or_masks_per_token_or_per_sequence():
