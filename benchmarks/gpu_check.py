@@ -78,7 +78,7 @@ def run(script: str, out: Path, name: str, **kwargs) -> dict:
     """script.main(Args(**kwargs)) in this process -> figures; the checkpoint is loaded and generates."""
     import importlib
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     module = importlib.import_module(script)
     args = module.Args(output_dir=str(out / "runs"), run_name=name, device=str(DEVICE), dtype="auto", **kwargs)

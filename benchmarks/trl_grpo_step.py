@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402  (the same model folder and prompts as grpo.py)
-import plumbing  # noqa: E402
+import plumbing  # noqa: E402  (the same model folder and prompts as grpo.py)
 import tasks  # noqa: E402
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6

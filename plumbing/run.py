@@ -7,7 +7,6 @@ it must save (the policy, the optimizer, PPO's β, a value head) explicitly.
 import copy
 import functools
 import math
-import os
 import shutil
 import signal
 import sys

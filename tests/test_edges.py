@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import common
 import plumbing
 import tasks
 from test_grpo import run_script, scalars

@@ -4,7 +4,6 @@ import random
 import pytest
 import torch
 
-import common
 import plumbing
 import tasks
 import reward_model
