@@ -348,7 +348,7 @@ class Run:
         if not (step % self.args.save_interval == 0 or step == self.args.steps or self.stop):
             return
         self.saved_step, modules = step, modules or {}
-        sharded, last = self.args.fsdp and self.world > 1, step == self.args.steps
+        sharded, last = self.args.fsdp, step == self.args.steps  # --fsdp: always several processes (check_fsdp, resume)
         training = {"script": self.script, "step": step, "args": asdict(self.args), **(state or {})}
         if scheduler is not None:
             training["scheduler"] = scheduler.state_dict()
