@@ -12,7 +12,7 @@ advantages; the policy minimises the clipped surrogate and the value head a clip
 for several epochs of minibatches per batch of rollouts.
 
 Implemented: fixed or adaptive β, missing-EOS penalty, advantage and reward whitening, value
-clipping, shared-backbone value head saved with the checkpoint. Left out: a separate value
+clipping, a value head on the shared backbone with its own learning rate, saved with the checkpoint. Left out: a separate value
 network, reward-model-based critic initialisation, gradient accumulation.
 
 Walkthrough: docs/walkthrough.md §3 (A value model as the baseline: returns and GAE), §5 (TRPO and PPO: improve the surrogate, stay close to π_old).
@@ -39,7 +39,9 @@ class Args(plumbing.TrainArgs):
     prompts_per_step: int = 16
     """rollouts per step, one completion per prompt (over all processes)"""
     lr: float = 2e-6
-    """AdamW learning rate (policy and value head)"""
+    """AdamW learning rate of the policy"""
+    value_lr: float = 1e-4
+    """AdamW learning rate of the value head: a fresh linear layer, which the policy's rate would leave near its zero start"""
     beta: float = 0.05
     """β: KL-penalty coefficient in the per-token reward (initial value when --adaptive-kl)"""
     adaptive_kl: bool = False
@@ -189,7 +191,7 @@ def forward(model, value_head, rollout, temperature: float):
 
 
 # Valid values of PPO's numeric flags ("(": that end excluded; the shared ones: plumbing.RANGES).
-RANGES = {"prompts_per_step": "[1, inf)", "lr": "(0, inf)", "beta": "[0, inf)", "kl_target": "(0, inf)",
+RANGES = {"prompts_per_step": "[1, inf)", "lr": "(0, inf)", "value_lr": "(0, inf)", "beta": "[0, inf)", "kl_target": "(0, inf)",
           "kl_horizon": "[1, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "ppo_epochs": "[1, inf)",
           "minibatch_size": "[1, inf)", "is_cap": "(1, inf)", "cliprange": "(0, 1)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
           "missing_eos_penalty": "[-inf, inf]"}
@@ -205,7 +207,7 @@ def check_args(args: Args) -> None:
     plumbing.refuse_idle_flags(args, [
         *[(name, not args.adaptive_kl, "it is a setting of --adaptive-kl, which is off") for name in ("kl_target", "kl_horizon")],
         ("adaptive_kl", args.beta == 0, "the controller multiplies β, and --beta 0 stays 0"),
-        ("cliprange_value", args.vf_coef == 0, "--vf-coef 0 leaves the value loss out"),
+        *[(name, args.vf_coef == 0, "--vf-coef 0 leaves the value loss out") for name in ("cliprange_value", "value_lr")],
         ("is_cap", args.is_correction == "none", "--is-correction none applies no weight to cap")])
 
 
@@ -216,8 +218,10 @@ def main(args: Args):
     model, ref_model, train_model, tokenizer = plumbing.load_policy(args, run)
     value_head = make_value_head(model)
     train_value_head = plumbing.distribute(run.resumed(value_head, "value_head"), args.fsdp)  # DDP, or FSDP in fp32
-    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())  # LoRA: adapters only
-    optimizer, scheduler = plumbing.adamw(params, args)
+    policy_params = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
+    params = policy_params + list(value_head.parameters())
+    optimizer, scheduler = plumbing.adamw([{"params": policy_params}, {"params": list(value_head.parameters()),
+                                                                       "lr": args.value_lr}], args)
     saved = run.restore(model, optimizer, scheduler, modules={"value_head": value_head})
     # Each process samples and whitens its own share of the prompts; β, adapted to the averaged KL, is the same everywhere.
     B, beta = plumbing.per_process(args.prompts_per_step, "--prompts-per-step"), saved.get("beta", args.beta)

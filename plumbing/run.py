@@ -409,7 +409,8 @@ def trained_modules(model, modules: dict | None):
 
 
 def adamw(params, args: TrainArgs):
-    """AdamW (fused: one pass, no temporaries) and its schedule (`lr_scheduler`), stepped once a step."""
+    """AdamW (fused: one pass, no temporaries) and its schedule (`lr_scheduler`), stepped once a step. params:
+    parameters, or groups of them ({"params": [...], "lr": ...}) where one group has its own learning rate."""
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, fused=True)
     return optimizer, lr_scheduler(optimizer, args.lr_schedule, args.warmup_steps, args.steps)

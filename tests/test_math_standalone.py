@@ -41,6 +41,7 @@ CALLS = {  # function: (args, kwargs)
     trpo.mean_kl: ((DIST_OLD, DIST_NEW, MASK), {}),
     trpo.fisher_vector_product: ((KL_GRAD, [P], torch.tensor([1.0, 1.0])), {"damping": 0.1}),
     trpo.conjugate_gradient: ((lambda v: SPD @ v, torch.tensor([1.0, 2.0]), 5), {}),
+    trpo.natural_step: ((torch.tensor([1.0, 2.0]), SPD @ torch.tensor([1.0, 2.0]), 0.01), {}),
     trpo.line_search: (([W], torch.ones(3), lambda: (W.sum().item(), (W**2).sum().item()), 0.0),
                        {"max_kl": 0.1, "steps": 10, "shrink": 0.5}),
     trpo.group_advantages: ((torch.tensor([1.0, 0.0, 0.0]), 3, MASK), {}),

@@ -106,7 +106,8 @@ def test_ppo_runs_end_to_end_and_the_value_head_reloads(arch, gpt2_folder, llama
     folder = gpt2_folder if arch == "gpt2" else llama_folder
     result = run_script("ppo.py", "--model", folder, "--steps", "2", "--prompts-per-step", "4", "--minibatch-size", "2",
                         "--eval-prompts", "8", "--adaptive-kl", "--run-name", "e2e", "--top-k", "20", "--min-p", "0.01",
-                        "--max-prompt-length", "16", "--lr-schedule", "linear", "--warmup-steps", "1", cwd=tmp_path)
+                        "--max-prompt-length", "16", "--lr-schedule", "linear", "--warmup-steps", "1", "--value-lr", "1e-3",
+                        cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "e2e"
     for tag in ["objective/scores", "objective/kl", "policy/clipfrac", "value/loss", "value/explained_variance",
@@ -115,7 +116,8 @@ def test_ppo_runs_end_to_end_and_the_value_head_reloads(arch, gpt2_folder, llama
     assert len(scalars(run_dir, "eval/correct")) == 2
     AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
     head = torch.load(run_dir / "checkpoint" / "value_head.pt")
-    assert head["weight"].shape == (1, 32) and head["weight"].abs().sum() > 0  # trained away from its zero init
+    # trained away from its zero init at its own rate: 16 AdamW steps at the policy's (≤ 2e-6) move a weight ~3e-5 at most
+    assert head["weight"].shape == (1, 32) and head["weight"].abs().max() > 1e-4
 
 
 def test_ppo_runs_with_a_reward_model(llama_folder, tmp_path):
@@ -141,7 +143,7 @@ def test_ppo_learns_the_letter_reward_and_the_value_loss_falls(llama_folder, tmp
     to under 0.3 % of its start. Without whitened advantages: once every completion scores 1, whitening
     divides the advantages' noise by a variance near 0, and 2 seeds of 8 then drifted to empty completions
     (score 0) by step 90; unwhitened, the equal-reward policy is a fixed point."""
-    args = ppo.Args(model=llama_folder, task="letter", steps=100, lr=2e-3, beta=0.001, whiten_rewards=True,
+    args = ppo.Args(model=llama_folder, task="letter", steps=100, lr=2e-3, value_lr=2e-3, beta=0.001, whiten_rewards=True,
                     whiten_advantages=False, missing_eos_penalty=None, max_new_tokens=16, eval_interval=1000,
                     eval_prompts=4, save_interval=1000, output_dir=str(tmp_path), run_name="learn", seed=1)
     run_dir = ppo.main(args)

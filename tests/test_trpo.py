@@ -55,6 +55,19 @@ def test_fisher_vector_product_equals_the_explicit_fisher_times_a_vector():
     torch.testing.assert_close(fvp.double(), fisher @ v.double(), atol=1e-5, rtol=1e-3)
 
 
+def test_natural_step_puts_the_quadratic_kl_model_at_the_radius_whatever_the_damping():
+    """½ sᵀFs = δ with F undamped: CG solves (F + λI) x = g, and λ must not shrink the step (it did: with λ|x|² in the
+    model, trpo.py's first steps reached a KL of 0.004-0.006 against δ = 0.01)."""
+    torch.manual_seed(0)
+    M = torch.randn(6, 3, dtype=torch.float64)
+    F, g = M @ M.T, torch.randn(6, dtype=torch.float64)  # rank 3: singular, as a Fisher from few tokens is
+    for damping in (0.01, 0.1, 1.0):
+        x, _ = trpo.conjugate_gradient(lambda v: F @ v + damping * v, g, iters=50, tol=1e-20)
+        s = trpo.natural_step(x, F @ x, max_kl=0.01)
+        assert (0.5 * s @ F @ s).item() == pytest.approx(0.01, rel=1e-9)
+        assert torch.allclose(s / s.norm(), x / x.norm())
+
+
 def test_line_search_accepts_only_within_the_trust_region():
     w = torch.nn.Parameter(torch.zeros(3))
     evaluate = lambda: (w.sum().item(), (w**2).sum().item())  # surrogate, "KL"
@@ -123,16 +136,19 @@ def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
 
 
 def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_region(llama_folder, tmp_path):
-    """Seeds 1-8 on this machine (2026-12-04): the last 10 of 40 steps scored 0.44-0.92 against < 0.021 in the
-    first 10 (the test asks for +0.2), and all 40 steps were accepted (it asks for 30)."""
+    """All parameters under the trust region: the letter's share is a unigram change, made in the embeddings and LM
+    head, which --trust-region-layers leaves out (with the default 2 layers, here every block, the score stayed at 0).
+    Seeds 1-6 on this machine (2026-12-05): the last 10 of 40 steps scored 0.93-1.0 against 0.07-0.24 in the first
+    10 (the test asks for +0.2), and 25-40 steps were accepted (it asks for 20: once every completion scores the
+    same, the advantages are 0, no step improves L, and the line search rejects it, as it should)."""
     args = trpo.Args(model=llama_folder, task="letter", steps=40, max_kl=0.05, beta=0.001, missing_eos_penalty=None,
-                     max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000,
+                     max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000, trust_region_layers=None,
                      output_dir=str(tmp_path), run_name="learn", seed=1)
     run_dir = trpo.main(args)
     scores = scalars(run_dir, "objective/scores")
     assert sum(scores[-10:]) / 10 > sum(scores[:10]) / 10 + 0.2, scores
     accepted, kl_after = scalars(run_dir, "trpo/accepted"), scalars(run_dir, "trpo/kl_after")
-    assert sum(accepted) >= 30
+    assert sum(accepted) >= 20
     assert all(kl <= 0.05 for a, kl in zip(accepted, kl_after) if a)
 
 
