@@ -78,8 +78,8 @@ def run_one(method: str, seed: int, steps: int, folder: Path) -> dict:
 def main(args: Args) -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
-    results = {(m, s): run_one(m, s, args.completions // PER_STEP[m], runs / f"{m}_{s}") for m in args.methods
-               for s in args.seeds}
+    results = {(m, s): run_one(m, s, args.completions // PER_STEP[m], runs / f"{m}_{s}") for s in args.seeds
+               for m in args.methods}  # seed by seed: an interrupted comparison keeps whole seeds
 
     # --- the source data: per evaluation and per step ---
     curves = {}  # (method, seed) -> [(completions, training seconds, accuracy)]
