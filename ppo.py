@@ -12,8 +12,9 @@ advantages; the policy minimises the clipped surrogate and the value head a clip
 for several epochs of minibatches per batch of rollouts.
 
 Implemented: fixed or adaptive β, missing-EOS penalty, advantage and reward whitening, value
-clipping, a value head on the shared backbone with its own learning rate, saved with the checkpoint. Left out: a separate value
-network, reward-model-based critic initialisation, gradient accumulation.
+clipping, a value head on the shared backbone with its own learning rate (saved with the
+checkpoint). Left out: a separate value network, reward-model-based critic initialisation,
+gradient accumulation.
 
 Walkthrough: docs/walkthrough.md §3 (A value model as the baseline: returns and GAE), §5 (TRPO and PPO: improve the surrogate, stay close to π_old).
 Run: `python ppo.py` (embedded SmolLM2-135M-Instruct, arithmetic), `python ppo.py --help`.
