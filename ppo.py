@@ -219,10 +219,9 @@ def main(args: Args):
     model, ref_model, train_model, tokenizer = plumbing.load_policy(args, run)
     value_head = make_value_head(model)
     train_value_head = plumbing.distribute(run.resumed(value_head, "value_head"), args.fsdp)  # DDP, or FSDP in fp32
-    policy_params = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
-    params = policy_params + list(value_head.parameters())
-    optimizer, scheduler = plumbing.adamw([{"params": policy_params}, {"params": list(value_head.parameters()),
-                                                                       "lr": args.value_lr}], args)
+    policy_params, value_params = [p for p in model.parameters() if p.requires_grad], list(value_head.parameters())
+    params = policy_params + value_params  # LoRA: the adapters and the value head
+    optimizer, scheduler = plumbing.adamw([{"params": policy_params}, {"params": value_params, "lr": args.value_lr}], args)
     saved = run.restore(model, optimizer, scheduler, modules={"value_head": value_head})
     # Each process samples and whitens its own share of the prompts; β, adapted to the averaged KL, is the same everywhere.
     B, beta = plumbing.per_process(args.prompts_per_step, "--prompts-per-step"), saved.get("beta", args.beta)

@@ -10,8 +10,8 @@ the trust region KL̄(θ) = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) ≤ δ (
 
 1. g = ∇L at θ_old; F = ∇²KL̄ at θ_old (the Fisher), used only through products F v;
 2. x ≈ (F + λI)⁻¹ g by conjugate gradient (λ: damping); full step s = √(2δ / xᵀF x) · x;
-3. backtracking line search on s, s/2, ...: accept the first step with KL̄ ≤ δ and L improved,
-   else keep θ_old (restored bit for bit).
+3. backtracking line search on s, c·s, c²·s, ... (c: --line-search-shrink): accept the first step with
+   KL̄ ≤ δ and L improved, else keep θ_old (restored bit for bit).
 
 Advantages come from GAE on a KL-penalised per-token reward (as in ppo.py) with a value head
 trained separately (a linear head on the policy's detached last hidden state, its own optimizer),
@@ -241,12 +241,11 @@ def trpo_step(model, params, rollout, old_logprobs, old_log_dist, advantages, ar
             fisher_kl = fisher_kl + mean_kl(old_log_dist[rows], log_dist, fb.completion_mask) * share
         kl_grad = torch.cat([k.reshape(-1) for k in torch.autograd.grad(fisher_kl, params, create_graph=True)])
 
-        def Fvp(v):
-            return plumbing.all_mean(fisher_vector_product(kl_grad, params, v, damping=args.cg_damping))
+        def Fvp(v, damping=args.cg_damping):
+            return plumbing.all_mean(fisher_vector_product(kl_grad, params, v, damping=damping))
 
         x, cg_residual = conjugate_gradient(Fvp, g, args.cg_iters)
-        Fx = plumbing.all_mean(fisher_vector_product(kl_grad, params, x, damping=0.0))  # F x without the damping
-        full_step = natural_step(x, Fx, args.max_kl)
+        full_step = natural_step(x, Fvp(x, damping=0.0), args.max_kl)  # scaled by F x without the damping
     kl_grad = fisher_kl = log_dist = None  # free the double-backward graph before the line search
     cg_seconds = time.time() - t0
 
