@@ -286,10 +286,10 @@ def main(args: Args):
 
             # --- 6. statistics (each figure is this process's, then averaged over processes) ---
             sequence_kl, non_score = plumbing.all_mean(kl.sum(1).mean()).item(), -beta * kl.sum(1)  # non-score reward [B]
-            log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0)
+            log_ratio = torch.where(mask.bool(), ref_logprobs - old_logprobs, 0.0).double()  # float64, expm1: k3 ≥ 0 at ~1e-9
             metrics = {
                 "objective/scores": scores.mean(), "objective/kl": sequence_kl, "objective/kl_coef": beta,
-                "objective/kl_k3_per_token": ((log_ratio.exp() - log_ratio - 1) * mask).sum() / mask.sum(),
+                "objective/kl_k3_per_token": ((torch.expm1(log_ratio) - log_ratio) * mask).sum() / mask.sum(),
                 "objective/non_score_reward": non_score.mean(), "objective/rlhf_reward": (scores + non_score).mean(),
                 **{k: torch.stack([s[k] for s in stats]).mean() for k in stats[0]}, "train/lr": scheduler.get_last_lr()[0],
                 "value/explained_variance": explained_variance(old_values, returns, mask),

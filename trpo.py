@@ -383,7 +383,7 @@ def main(args: Args):
             # --- 6. evaluation and logging (each figure is this process's, then averaged over processes) ---
             metrics = {
                 "objective/scores": scores.mean(), "objective/log_ratio_to_ref": kl.sum(1).mean(),  # k1 per sequence: may be < 0
-                "objective/kl_k3_per_token": ((-kl).exp() + kl - 1).sum() / mask.sum(),  # k3 of log π_ref − log π
+                "objective/kl_k3_per_token": (torch.expm1(-kl.double()) + kl).sum() / mask.sum(),  # k3 of log π_ref − log π; float64
                 "trpo/surrogate_before": result["surrogate_before"], "trpo/surrogate_after": result["surrogate"],
                 "trpo/expected_improvement": result["expected_improvement"],
                 "trpo/actual_improvement": result["surrogate"] - result["surrogate_before"],
