@@ -4,7 +4,8 @@ under its trust region: does the subset of parameters, or TRPO's step, limit wha
     python benchmarks/ppo_top_layers.py 2 --seed 2 --steps 16 --lr 2e-5
 
 The first argument is N; everything after it is passed to ppo.py's `Args`. The embeddings, the (tied) LM head
-and the lower blocks are frozen right after loading; the value head trains as usual.
+and the lower blocks are frozen right after loading; the value head trains as usual. One process only: under
+torchrun the DDP wrapper is built before the freeze and would wait for gradients that never come.
 """
 
 import sys
