@@ -72,6 +72,20 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> int
     return torch.distributed.get_rank()
 
 
+def leave_at_exit() -> None:
+    """Once every process has finished the run (after a barrier): destroy the process group at the interpreter's
+    exit, when main() has returned and its DDP and FSDP wrappers are freed (the garbage collector first, for FSDP's
+    reference cycles). Destroyed while a wrapper still lived, the wrapper freed after it has aborted a process at
+    exit (tests/ddp_grad_check.py: 6 of 25 runs), and a PPO run under torchrun hung after its last line (CI, once).
+    Not after an error: a process that destroys the group while another waits in a collective can hang both."""
+    def leave():
+        gc.collect()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(leave)
+
+
 COLLECTIVE_DEVICE: torch.device | None = None  # the run's device (init_distributed): every collective's tensors live there
 
 

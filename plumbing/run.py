@@ -29,8 +29,9 @@ from plumbing.data import load_prompts
 from plumbing.inputs import (check_context, check_fsdp, check_prompt_lengths, check_ranges, check_rewards,
                              load_reward_functions, refuse_idle_flags)
 from plumbing.models import EMBEDDED_MODEL, RewardScorer, check_model_name, model_positions
-from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, load_optimizer_state, one_voice,
-                                optimizer_state, pick_device, rank, reduce_metrics, replica_spread, set_seed, world_size)
+from plumbing.processes import (all_mean, full_state_dict, gathered, init_distributed, leave_at_exit, load_optimizer_state,
+                                one_voice, optimizer_state, pick_device, rank, reduce_metrics, replica_spread, set_seed,
+                                world_size)
 
 
 @dataclass
@@ -374,9 +375,10 @@ class Run:
 
     def __exit__(self, kind, error, traceback):
         """Close the logs whatever happened; a second signal (KeyboardInterrupt) keeps the last checkpoint as it
-        was. After a normal end or a stop: leave the process group together, print the last line, and exit with
-        128 + the signal's number after a stop (130: Ctrl-C; 143: SIGTERM; a process that was not signalled
-        itself but stopped with the others: 130). Any other error goes on up, the last checkpoint and the logs in place."""
+        was. After a normal end or a stop: wait for every process (the group itself is left at exit), print the
+        last line, and exit with 128 + the signal's number after a stop (130: Ctrl-C; 143: SIGTERM; a process that
+        was not signalled itself but stopped with the others: 130). Any other error goes on up, the last
+        checkpoint and the logs in place."""
         self.interrupt.close()
         if self.writer is not None:
             self.writer.close()
@@ -385,7 +387,7 @@ class Run:
         stopped = self.stop or kind is KeyboardInterrupt
         if self.world > 1:
             torch.distributed.barrier()  # rank 0 may still be evaluating or saving: leave together
-            torch.distributed.destroy_process_group()
+            leave_at_exit()  # the process group, once main() has returned and freed its DDP wrappers
         if self.rank == 0:
             end_of_run(self.script, self.folder, stopped, self.saved_step, self.scores, self.args.steps,
                        self.args.steps != type(self.args).steps)
