@@ -57,6 +57,8 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> int
     COLLECTIVE_DEVICE = device
     if world_size() == 1:
         return 0
+    if torch.distributed.is_initialized():  # a second run in this process: the group is left only at exit
+        return torch.distributed.get_rank()
     if device.type == "cuda":
         for name, value in {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
                             "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}.items():
