@@ -78,7 +78,8 @@ def leave_at_exit() -> None:
     """Once every process has finished the run (after a barrier): destroy the process group at the interpreter's
     exit, when main() has returned and its DDP and FSDP wrappers are freed (the garbage collector first, for FSDP's
     reference cycles). Destroyed while a wrapper still lived, the wrapper freed after it has aborted a process at
-    exit (tests/ddp_grad_check.py: 6 of 25 runs), and a PPO run under torchrun hung after its last line (CI, once).
+    exit (tests/ddp_grad_check.py: 6 of 25 runs; a two-process DDP script: 5 of 50, 0 of 50 in this order); a PPO
+    run under torchrun that once hung in CI after its last line had that order too (the hang did not recur here).
     Not after an error: a process that destroys the group while another waits in a collective can hang both."""
     def leave():
         gc.collect()
