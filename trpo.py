@@ -13,6 +13,11 @@ the trust region KL̄(θ) = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) ≤ δ (
 3. backtracking line search on s, c·s, c²·s, ... (c: --line-search-shrink): accept the first step with
    KL̄ ≤ δ and L improved, else keep θ_old (restored bit for bit).
 
+On its defaults λ (1000) is far above the Fisher's curvature along g, so x keeps g's direction and F sets
+the step's length: a trust-region step along the gradient. `--cg-damping 1 --cg-iters 10` is the natural
+gradient; over a 135M-parameter model and a batch of 16 completions it learned less here and costs 3.5 times
+as much (docs/benchmarks.md, "What limits TRPO here").
+
 Advantages come from GAE on a KL-penalised per-token reward (as in ppo.py) with a value head
 trained separately (a linear head on the policy's detached last hidden state, its own optimizer),
 or from group z-scores (as in grpo.py) with --advantage group.
@@ -23,7 +28,7 @@ to the parameters twice; FSDP runs the forward on gathered copies of them). The 
 plain operations (fused attention kernels have no double backward), and the policy math runs in fp32.
 
 Walkthrough: docs/walkthrough.md §5 (TRPO and PPO: improve the surrogate, stay close to π_old), §3 (A value model as the baseline: returns and GAE).
-Run: `python trpo.py` (embedded SmolLM2-135M-Instruct, its top 2 layers under the trust region), `python trpo.py --help`.
+Run: `python trpo.py` (embedded SmolLM2-135M-Instruct, every parameter under the trust region), `python trpo.py --help`.
 Several processes: `torchrun --nproc-per-node N trpo.py ...` (DDP; README, "Several processes").
 The run's machinery (loading, processes, checkpoints, Ctrl-C, logging) is in plumbing/; the loop is `main`.
 """
@@ -66,20 +71,20 @@ class Args(plumbing.RLArgs):
     """score given instead of the task/reward-model score to completions with no EOS (None: off)"""
     max_kl: float = 0.03
     """δ: trust-region radius, mean per-token KL(π_old ‖ π_θ) in nats (0.01 moved the policy a third as far as PPO's default steps do; docs/benchmarks.md)"""
-    cg_iters: int = 10
-    """conjugate-gradient iterations"""
-    cg_damping: float = 1.0
-    """λ added to the Fisher in CG, (F + λI) x = g: at 1, 10 iterations solve it (relative residual: median 0.016 on the 135M model, at most 0.064; at 0.1: 0.2-0.9)"""
+    cg_iters: int = 1
+    """conjugate-gradient iterations (1 solves the default λ's system: relative residual 0.03-0.18 here; at λ 1 over every parameter, 10 leave 0.28-0.57)"""
+    cg_damping: float = 1000.0
+    """λ added to the Fisher in CG, (F + λI) x = g. 1000: over 10 times the Fisher's curvature along the gradient here (24-80), so x ∝ g and F only scales the step to δ. At λ 1 the natural gradient turns into directions of curvature 2-4 that the batch's 16 completions hardly see: a step 4-5 times longer in parameters for the same KL, and held-out accuracy fell (docs/benchmarks.md)"""
     line_search_steps: int = 10
     """backtracking tries before the step is rejected"""
     line_search_shrink: float = 0.8
     """the step is multiplied by this after each failed try (Spinning Up's 0.8; 0.5 quarters the KL after a near miss)"""
     fisher_fraction: float = 1.0
     """share of the batch's completions used for Fisher-vector products (cheaper CG)"""
-    trust_region_layers: int | None = 2
-    """train only the top N transformer layers (None: all parameters, ~15× the CG cost: 180 s a step for the 135M model on 2 CPU cores, 30 s with 2)"""
-    value_lr: float = 1e-3
-    """Adam learning rate of the value head (gae only)"""
+    trust_region_layers: int | None = None
+    """train only the top N transformer layers (None: all parameters, 50 s a step for the 135M model on 2 CPU cores; on the top 2, 26 s, but there neither TRPO nor PPO learned the task)"""
+    value_lr: float = 1e-4
+    """Adam learning rate of the value head (gae only; PPO's. At 1e-3 its 20 steps a batch fit each batch and the advantages learned less than with no critic)"""
     value_iters: int = 20
     """value-head gradient steps per step, full batch (gae only)"""
     is_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none"] = "token_truncate"
@@ -177,6 +182,18 @@ def gae(rewards, values, mask, *, gamma: float, lam: float):
         last = delta + gamma * lam * last
         advantages[:, t] = last
     return advantages * mask, (advantages + values) * mask
+
+
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R) over real tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    real = mask.bool()
+    n = real.sum().clamp(min=1)
+
+    def var(x):  # masked, biased
+        mean = torch.where(real, x, 0.0).sum() / n
+        return torch.where(real, (x - mean) ** 2, 0.0).sum() / n
+
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +393,10 @@ def main(args: Args):
 
             # --- 4. the trust-region step on the policy (the surrogate's terms weighted w_t A_t); 5. the value head ---
             result = trpo_step(model, params, rollout, old_logprobs, old_log_dist, is_weights * advantages, args, run.rng)
-            value_loss = fit_value_head(value_head, value_optimizer, hidden, returns, mask,
-                                        args.value_iters) if args.advantage == "gae" else 0.0
+            value_metrics = {}
+            if args.advantage == "gae":  # V above was fitted on earlier batches only: its explained variance is out of sample
+                value_metrics = {"value/explained_variance": explained_variance(values, returns, mask), "value/loss":
+                                 fit_value_head(value_head, value_optimizer, hidden, returns, mask, args.value_iters)}
             run.lap("update")
 
             # --- 6. evaluation and logging (each figure is this process's, then averaged over processes) ---
@@ -391,7 +410,7 @@ def main(args: Args):
                 "trpo/line_search_tries": result["tries"], "trpo/step_fraction": result["step_fraction"],
                 "trpo/cg_residual": result["cg_residual"], "trpo/grad_norm": result["grad_norm"],
                 "trpo/cg_relative_residual": result["cg_residual"] / max(result["grad_norm"], 1e-12),  # |b − Ax| / |b|
-                "value/loss": value_loss, "time/cg_s": result["cg_s"], "time/line_search_s": result["line_search_s"],
+                **value_metrics, "time/cg_s": result["cg_s"], "time/line_search_s": result["line_search_s"],
                 **common.sampler_mismatch(old_logprobs, rollout.sampler_logprobs, mask), "sampler/is_cut": is_cut,
             }
             run.evaluate(step, model, tokenizer)

@@ -47,6 +47,7 @@ CALLS = {  # function: (args, kwargs)
     trpo.group_advantages: ((torch.tensor([1.0, 0.0, 0.0]), 3, MASK), {}),
     trpo.whiten: ((VALUES, MASK), {}),
     trpo.gae: ((ADV_TOK, VALUES, MASK), {"gamma": 1.0, "lam": 0.95}),
+    trpo.explained_variance: ((VALUES, ADV_TOK, MASK), {}),
     reward_model.bradley_terry_loss: ((ADV_SEQ, ADV_SEQ.flip(0)), {}),
     reward_model.pairwise_accuracy: ((ADV_SEQ, ADV_SEQ.flip(0)), {}),
 }
