@@ -11,7 +11,7 @@ fresh process (its peak memory is its own), on the embedded SmolLM2-135M-Instruc
 run is kept and not run again (delete its folder under --runs to redo it). Writes to --out:
 - evals.csv: method, seed, step, completions sampled, training seconds so far, held-out accuracy;
 - steps.csv: per step, the training batch's figures (correct share, EOS share, seconds, the critic's
-  explained variance for PPO);
+  explained variance for PPO and TRPO);
 - summary.json: per method, each seed's accuracy before and after, seconds per step, peak memory, the
   models it holds; compare.png: held-out accuracy against completions sampled and against seconds.
 """
@@ -109,7 +109,7 @@ def main(args: Args) -> None:
                       "gain_mean": round(statistics.mean(a - b for a, b in zip(after, before)), 4),
                       "seconds_per_step_median": round(statistics.median(step_s), 1),
                       "peak_memory_gb_max": round(max(r["peak_gb"] for r in rs), 2), "models_held": HELD[m]}
-        if m == "ppo":
+        if m in ("ppo", "trpo"):  # the critics
             summary[m]["explained_variance_second_half_mean"] = round(statistics.mean(
                 v for r in rs for step, v in r["value/explained_variance"] if step > summary[m]["steps"] // 2), 3)
     (out / "summary.json").write_text(json.dumps({"completions": args.completions, "seeds": list(args.seeds),

@@ -136,16 +136,20 @@ def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
         assert len(scalars(run_dir, "reward/short")) == 2
 
 
-def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_region(llama_folder, tmp_path):
-    """The natural gradient over all parameters: the letter's share is a unigram change, made in the embeddings and LM
-    head, which --trust-region-layers leaves out (with the default 2 layers, here every block, the score stayed at 0).
+@pytest.mark.parametrize("step", [
+    {},  # the defaults: the step along the gradient (λ far above F's curvature along it, one CG iteration)
+    {"cg_damping": 1.0, "cg_iters": 10, "fisher_fraction": 1.0, "value_lr": 1e-3},  # the natural gradient
+], ids=["defaults", "natural-gradient"])
+def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_region(step, llama_folder, tmp_path):
+    """All parameters under the trust region: the letter's share is a unigram change, made in the embeddings and LM
+    head, which --trust-region-layers leaves out (with 2 layers, here every block, the score stayed at 0).
     Seeds 1-6 on this machine (2026-12-05): the last 10 of 40 steps scored 0.93-1.0 against 0.07-0.24 in the first
-    10 (the test asks for +0.2), and 25-40 steps were accepted (it asks for 20: once every completion scores the
-    same, the advantages are 0, no step improves L, and the line search rejects it, as it should)."""
+    10 with the natural gradient, 1.0 against 0.02-0.34 on the defaults (the test asks for +0.2), and 25-40 steps
+    were accepted (it asks for 20: once every completion scores the same, the advantages are 0, no step improves L,
+    and the line search rejects it, as it should)."""
     args = trpo.Args(model=llama_folder, task="letter", steps=40, max_kl=0.05, beta=0.001, missing_eos_penalty=None,
-                     max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000, trust_region_layers=None,
-                     cg_damping=1.0, cg_iters=10, value_lr=1e-3,  # the natural gradient, solved (the defaults: along g)
-                     output_dir=str(tmp_path), run_name="learn", seed=1)
+                     max_new_tokens=16, eval_interval=1000, eval_prompts=4, save_interval=1000,
+                     output_dir=str(tmp_path), run_name="learn", seed=1, **step)
     run_dir = trpo.main(args)
     scores = scalars(run_dir, "objective/scores")
     assert sum(scores[-10:]) / 10 > sum(scores[:10]) / 10 + 0.2, scores
