@@ -74,7 +74,7 @@ class Args(plumbing.RLArgs):
     cg_iters: int = 1
     """conjugate-gradient iterations (at the default λ the first, x ∝ g, leaves a relative residual of 0.04-0.41 here, median 0.11; at λ 1 over every parameter, 10 leave 0.28-0.57)"""
     cg_damping: float = 1000.0
-    """λ added to the Fisher in CG, (F + λI) x = g. 1000 is above F's curvature along the gradient here (gᵀFg/gᵀg: median 43, 20-161), so x keeps g's direction and F sets only the step's length. At λ 1 the step turns into directions of curvature at most 2-7 that the batch's 16 completions hardly bind: at least 3.6 times as long for the same KL (the medians), and held-out accuracy fell (docs/benchmarks.md)"""
+    """λ added to the Fisher in CG, (F + λI) x = g. 1000 is above F's curvature along the gradient here (gᵀFg/gᵀg: 19-450, medians 61-70), so x keeps g's direction and F sets only the step's length. At λ 1 (the whole batch's Fisher) the step turns into directions of curvature at most 2-7 that the batch's 16 completions hardly bind: at least 3.6 times as long for the same KL (the medians), and held-out accuracy fell (docs/benchmarks.md)"""
     line_search_steps: int = 10
     """backtracking tries before the step is rejected"""
     line_search_shrink: float = 0.8
