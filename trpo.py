@@ -13,10 +13,10 @@ the trust region KL̄(θ) = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) ≤ δ (
 3. backtracking line search on s, c·s, c²·s, ... (c: --line-search-shrink): accept the first step with
    KL̄ ≤ δ and L improved, else keep θ_old (restored bit for bit).
 
-On its defaults λ (1000) is far above the Fisher's curvature along g, so x keeps g's direction and F sets
-the step's length: a trust-region step along the gradient. `--cg-damping 1 --cg-iters 10` is the natural
-gradient; over a 135M-parameter model and a batch of 16 completions it learned less here and costs about 6
-times as much (docs/benchmarks.md, "What limits TRPO here").
+On its defaults λ (1000) is above the Fisher's curvature along g, so x keeps g's direction and F sets the
+step's length: a trust-region step along the gradient. `--cg-damping 1 --cg-iters 10 --fisher-fraction 1` is
+the natural gradient; over a 135M-parameter model and a batch of 16 completions it learned less here and costs
+about 6 times as much (docs/benchmarks.md, "What limits TRPO here").
 
 Advantages come from GAE on a KL-penalised per-token reward (as in ppo.py) with a value head
 trained separately (a linear head on the policy's detached last hidden state, its own optimizer),
@@ -48,8 +48,9 @@ import plumbing
 
 @dataclass
 class Args(plumbing.RLArgs):
-    """TRPO: a natural-gradient step by conjugate gradient, scaled to a KL radius, and a line search. The flags every
-    RL script shares (--model, --data, --steps, --seed, ...) are declared once in plumbing.RLArgs."""
+    """TRPO: a step by conjugate gradient on the damped Fisher (on the defaults, along the gradient), scaled to a KL
+    radius, and a line search. The flags every RL script shares (--model, --data, --steps, --seed, ...) are
+    declared once in plumbing.RLArgs."""
 
     fsdp: tyro.conf.Suppress[bool] = False  # not a flag of trpo.py: its Fisher-vector products need gradients FSDP cannot give
 

@@ -137,7 +137,7 @@ def test_trpo_runs_end_to_end(arch, extra, gpt2_folder, llama_folder, tmp_path):
 
 
 @pytest.mark.parametrize("step", [
-    {},  # the defaults: the step along the gradient (λ far above F's curvature along it, one CG iteration)
+    {},  # the defaults: the step along the gradient (λ above F's curvature along it, one CG iteration)
     {"cg_damping": 1.0, "cg_iters": 10, "fisher_fraction": 1.0, "value_lr": 1e-3},  # the natural gradient
 ], ids=["defaults", "natural-gradient"])
 def test_trpo_learns_the_letter_reward_and_every_accepted_step_is_in_the_trust_region(step, llama_folder, tmp_path):
